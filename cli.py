@@ -1,0 +1,230 @@
+"""`sisa`: the command line over the `sisa` library. Each command is a thin call into it.
+
+Exit codes: 0 ok, 1 failure (bad data, unknown ids, a corrupt file), 2 usage (bad options,
+missing paths). Errors are one line on stderr; progress bars go to stderr; `--json` puts a
+machine-readable result on stdout.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+app = typer.Typer(help="Exact machine unlearning with SISA (sharded, isolated, sliced, aggregated training).",
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+err = Console(stderr=True)
+out = Console()
+
+RunDir = Annotated[Path, typer.Option("--run-dir", help="The run directory (index and checkpoints).")]
+JsonOut = Annotated[bool, typer.Option("--json", help="Print a JSON result on stdout.")]
+Device = Annotated[str, typer.Option(help="Where to train: auto (a CUDA GPU if present), cpu, cuda, cuda:N.")]
+
+
+def handles_errors(fn):
+    """Turn library errors into one line on stderr and the error's exit code."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from sisa.errors import SisaError
+
+        try:
+            return fn(*args, **kwargs)
+        except SisaError as e:
+            err.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+            raise typer.Exit(e.exit_code) from None
+        except KeyboardInterrupt:
+            err.print("interrupted: run the same command with --resume to finish", highlight=False)
+            raise typer.Exit(130) from None
+    return wrapper
+
+
+class ShardProgress:
+    """A rich bar per shard being (re)trained, fed by the library's progress callback."""
+
+    def __init__(self, epochs_per_slice: list[int]):
+        self.epochs = epochs_per_slice
+        self.bars = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                             TextColumn("epochs"), TimeElapsedColumn(), console=err, transient=False)
+        self.tasks: dict[int, int] = {}
+        self.start: dict[int, int] = {}
+
+    def __call__(self, shard: int, slice_: int, done: int, total: int) -> None:
+        if shard not in self.tasks:  # the first call names the slice this shard starts from
+            self.start[shard] = slice_
+            self.tasks[shard] = self.bars.add_task(f"shard {shard}", total=sum(self.epochs[slice_:]))
+        self.bars.update(self.tasks[shard], completed=sum(self.epochs[self.start[shard]:slice_]) + done,
+                         description=f"shard {shard} slice {slice_ + 1}/{len(self.epochs)}")
+
+    def __enter__(self):
+        self.bars.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.bars.__exit__(*exc)
+
+
+def emit(as_json: bool, payload: dict, human: str | Table) -> None:
+    if as_json:
+        sys.stdout.write(json.dumps(payload, indent=2) + "\n")
+    else:
+        out.print(human, highlight=False)
+
+
+@app.command()
+@handles_errors
+def train(
+    shards: Annotated[int, typer.Option(help="S: number of shards, one constituent model each.")] = 5,
+    slices: Annotated[int, typer.Option(help="R: slices per shard, one checkpoint after each.")] = 4,
+    epochs: Annotated[int, typer.Option(help="Epochs an unsliced shard would get (SISA spreads 2R/(R+1)x that).")] = 16,
+    dataset: Annotated[str, typer.Option(help="digits, mnist, fashion-mnist, cifar10, or a CSV manifest id,path,label[,owner].")] = "digits",
+    data_dir: Annotated[Path, typer.Option(help="Where mnist/fashion-mnist/cifar10 files live (torchvision layout).")] = Path("data"),
+    test_manifest: Annotated[Optional[Path], typer.Option(help="Test-set manifest for a CSV dataset (for `evaluate`).")] = None,
+    download: Annotated[bool, typer.Option(help="Download cifar10 into --data-dir if it is missing.")] = False,
+    seed: Annotated[int, typer.Option(help="Seed of the partition, initial weights and every slice's randomness.")] = 0,
+    batch_size: Annotated[int, typer.Option(help="Training batch size.")] = 64,
+    lr: Annotated[float, typer.Option(help="Peak learning rate (SGD, Nesterov momentum 0.9).")] = 0.05,
+    crop_pad: Annotated[Optional[int], typer.Option(help="Random-crop padding in pixels [default: per dataset].")] = None,
+    flip: Annotated[Optional[bool], typer.Option("--flip/--no-flip", help="Random horizontal flips [default: per dataset].")] = None,
+    run_dir: RunDir = Path("sisa-run"),
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing run directory.")] = False,
+    resume: Annotated[bool, typer.Option(help="Finish training an existing run that was interrupted.")] = False,
+    device: Device = "auto",
+    as_json: JsonOut = False,
+):
+    """Partition the data into shards and slices, then train every shard's ResNet-18 slice by slice."""
+    import sisa
+    from sisa.run import writer_lock
+
+    if resume:
+        run = sisa.Run.open(run_dir)
+    else:
+        cfg = sisa.config_for(dataset, shards=shards, slices=slices, epochs=epochs, seed=seed,
+                              batch_size=batch_size, lr=lr, crop_pad=crop_pad, flip=flip)
+        run = sisa.Run.create(run_dir, cfg, data_dir=data_dir, download=download,
+                              test_manifest=test_manifest, overwrite=overwrite)
+    with writer_lock(run.dir), ShardProgress(sisa.slice_epochs(run.config.slices, run.config.epochs)) as bars:
+        report = run.complete(device, bars)
+        run.finish_requests()
+    payload = {"run_dir": str(run.dir), "shards_trained": report.shards_retrained,
+               "sample_epochs": report.sample_epochs, "seconds": round(report.seconds, 3)}
+    emit(as_json, payload, f"trained {len(report.shards_retrained)} shards x {run.config.slices} slices "
+                           f"({report.sample_epochs} sample-epochs) in {report.seconds:.1f} s -> {run.dir}")
+
+
+@app.command()
+@handles_errors
+def forget(
+    ids: Annotated[Optional[Path], typer.Option("--ids", help="CSV with an `id` column (or `owner`: all their samples).")] = None,
+    ignore_missing: Annotated[bool, typer.Option(help="Forget the known ids and skip ids not in the index.")] = False,
+    resume: Annotated[bool, typer.Option(help="Finish an interrupted forget (no --ids needed).")] = False,
+    run_dir: RunDir = Path("sisa-run"),
+    device: Device = "auto",
+    as_json: JsonOut = False,
+):
+    """Exactly unlearn samples: retrain each affected shard from its earliest affected slice."""
+    import sisa
+    from sisa.requests import read_request_file
+    from sisa.run import writer_lock
+
+    if ids is None and not resume:
+        raise sisa.UsageError("pass --ids FILE.csv (or --resume to finish an interrupted forget)")
+    id_list, owners = read_request_file(ids) if ids is not None else ([], [])
+    run = sisa.Run.open(run_dir)
+    with writer_lock(run.dir), ShardProgress(sisa.slice_epochs(run.config.slices, run.config.epochs)) as bars:
+        report = run.forget(id_list, owners, ignore_missing, device, bars)
+    d = report.to_dict()
+    slices = sum(len(v) for v in report.slices_retrained.values())
+    human = (f"forgot {report.samples_removed} samples"
+             + (f" ({report.already_deleted} were already deleted)" if report.already_deleted else "")
+             + f": retrained {len(report.shards_retrained)} shards, {slices} slice steps, "
+             f"{report.sample_epochs} of {report.full_sample_epochs} sample-epochs "
+             f"({100 * report.cost_fraction:.1f}% of retraining everything) in {report.seconds:.1f} s")
+    emit(as_json, d, human)
+
+
+@app.command()
+@handles_errors
+def predict(
+    images: Annotated[list[Path], typer.Argument(help="Image files (resized to the run's image size).")],
+    aggregation: Annotated[str, typer.Option(help="vote (majority, SISA's default) or mean (of softmax).")] = "vote",
+    run_dir: RunDir = Path("sisa-run"),
+    as_json: JsonOut = False,
+):
+    """Predict the class of image files with the ensemble."""
+    import torch
+    from sisa import Ensemble
+    from sisa.data import read_image
+
+    ens = Ensemble.load(run_dir, aggregation)
+    size = _image_size(run_dir)
+    batch = torch.stack([read_image(p, ens.config.channels, size) for p in images])
+    proba = ens.predict_proba(batch)
+    labels = ens.predict(batch).tolist()
+    names = ens.config.class_names
+    rows = [{"file": str(p), "label": lab, "class": names[lab] if lab < len(names) else str(lab),
+             "proba": [round(v, 6) for v in pr.tolist()]} for p, lab, pr in zip(images, labels, proba)]
+    table = Table("file", "class", "confidence")
+    for r in rows:
+        table.add_row(r["file"], r["class"], f"{max(r['proba']):.2f}")
+    emit(as_json, {"generation": ens.generation, "aggregation": aggregation, "predictions": rows}, table)
+
+
+def _image_size(run_dir: Path) -> tuple[int, int]:
+    from sisa.run import Run
+
+    run = Run.open(run_dir)
+    try:
+        return run.dataset().image_size
+    finally:
+        run.close()
+
+
+@app.command()
+@handles_errors
+def evaluate(run_dir: RunDir = Path("sisa-run"), device: Device = "auto", as_json: JsonOut = False):
+    """Test accuracy of each constituent and of the ensemble (majority vote and mean of softmax)."""
+    from sisa import evaluate as run_evaluate
+    from sisa.run import pick_device
+
+    result = run_evaluate(run_dir, pick_device(device))
+    table = Table("model", "test accuracy")
+    for shard, acc in result["constituents"].items():
+        table.add_row(f"shard {shard}", f"{100 * acc:.2f}%")
+    table.add_row("ensemble (vote)", f"{100 * result['ensemble_vote']:.2f}%")
+    table.add_row("ensemble (mean)", f"{100 * result['ensemble_mean']:.2f}%")
+    emit(as_json, result, table)
+
+
+@app.command()
+@handles_errors
+def status(run_dir: RunDir = Path("sisa-run"), as_json: JsonOut = False):
+    """What the index holds: configuration, samples, checkpoints, requests."""
+    from sisa import Run
+
+    run = Run.open(run_dir)
+    try:
+        st = run.status()
+    finally:
+        run.close()
+    c = st["config"]
+    human = (f"run {st['run_dir']}: {st['dataset']}, {c['shards']} shards x {c['slices']} slices, "
+             f"{c['epochs']} epochs, {c['arch']}, seed {c['seed']}, generation {st['generation']}\n"
+             f"samples: {st['samples']['active']} active, {st['samples']['deleted']} deleted\n"
+             f"checkpoints: {st['checkpoints']['live']}/{st['checkpoints']['expected']} live, "
+             + ("complete" if st["complete"] else f"incomplete (shards {sorted(st['stale_shards'])}: run with --resume)")
+             + f"\nrequests: {st['requests']['total']}, {st['requests']['unfinished']} unfinished")
+    emit(as_json, st, human)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,115 @@
+"""The ensemble: each shard's final checkpoint votes, or their softmaxes are averaged.
+
+Aggregation is not trained (a learned aggregator would see training data and need unlearning
+too). A loaded Ensemble remembers the run's generation; after a forget finishes the generation
+moves on, `is_stale()` says so and `reload()` serves the new models. A prediction made while a
+forget is still running uses the models of the last finished state: each shard's new
+checkpoints go live together, in one transaction, only once they are all written.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from store.checkpoints import load_checkpoint
+from store.index import ACTIVE, Checkpoint, Index, RunRow, Sample
+from sqlalchemy import func, select
+
+from .config import RunConfig
+from .errors import IntegrityError, SisaError, UsageError
+from .model import build_model, to_input
+
+AGGREGATIONS = ("vote", "mean")
+
+
+class Ensemble:
+    def __init__(self, run_dir: Path, config: RunConfig, shards: list[int], models: list[torch.nn.Module],
+                 generation: int, aggregation: str = "vote", device: torch.device | str = "cpu"):
+        if aggregation not in AGGREGATIONS:
+            raise UsageError(f"unknown aggregation {aggregation!r}: use one of {', '.join(AGGREGATIONS)}")
+        self.run_dir, self.config, self.shards, self.models = Path(run_dir), config, shards, models
+        self.generation, self.aggregation, self.device = generation, aggregation, torch.device(device)
+
+    @classmethod
+    def load(cls, run_dir: Path | str, aggregation: str = "vote", device: torch.device | str = "cpu") -> "Ensemble":
+        """Load each non-empty shard's last-slice checkpoint, verified against its sha256."""
+        run_dir = Path(run_dir)
+        if not (run_dir / "index.sqlite").is_file():
+            raise UsageError(f"no SISA run at {run_dir}")
+        index = Index(run_dir / "index.sqlite")
+        try:
+            for attempt in range(3):  # a forget may swap files between our read and our load
+                with index.transaction() as s:  # one snapshot: generation and rows agree
+                    run = s.get(RunRow, 1)
+                    config = RunConfig.from_json(run.config_json)
+                    last = config.slices - 1
+                    rows = list(s.scalars(select(Checkpoint).where(Checkpoint.slice == last).order_by(Checkpoint.shard)))
+                    live = dict(s.execute(select(Sample.shard, func.count()).where(Sample.status == ACTIVE)
+                                          .group_by(Sample.shard)).all())
+                rows = [r for r in rows if live.get(r.shard, 0) > 0]  # a shard with no data has no model
+                if not rows:
+                    raise SisaError(f"{run_dir} has no trained constituents (run `sisa train --resume`)")
+                try:
+                    models = [cls._load_model(run_dir / r.path, r.sha256, config, device) for r in rows]
+                    return cls(run_dir, config, [r.shard for r in rows], models, run.generation, aggregation, device)
+                except IntegrityError:
+                    if attempt == 2 or all((run_dir / r.path).exists() for r in rows):
+                        raise
+        finally:
+            index.close()
+        raise AssertionError("unreachable")
+
+    @staticmethod
+    def _load_model(path: Path, sha256: str, config: RunConfig, device) -> torch.nn.Module:
+        state = load_checkpoint(path, sha256)
+        model = build_model(config.arch, config.channels, config.classes)
+        model.load_state_dict(state["model"])
+        return model.to(device).eval()
+
+    def current_generation(self) -> int:
+        index = Index(self.run_dir / "index.sqlite")
+        try:
+            return index.run().generation
+        finally:
+            index.close()
+
+    def is_stale(self) -> bool:
+        """True once a forget (or a resumed training) has changed the run since this was loaded."""
+        return self.current_generation() != self.generation
+
+    def reload(self) -> "Ensemble":
+        return Ensemble.load(self.run_dir, self.aggregation, self.device)
+
+    # --- prediction --------------------------------------------------------------------
+    @torch.no_grad()
+    def constituent_logits(self, images: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
+        """Logits of every constituent, shape (models, N, classes)."""
+        self._check_shape(images)
+        out = []
+        for chunk in torch.split(images, batch_size):
+            x = to_input(chunk.to(self.device))
+            out.append(torch.stack([m(x).float() for m in self.models]).cpu())
+        return torch.cat(out, dim=1)
+
+    def predict_proba(self, images: torch.Tensor) -> torch.Tensor:
+        """(N, classes): the fraction of votes per class, or the mean softmax ("mean")."""
+        return self.aggregate(self.constituent_logits(images))
+
+    def predict(self, images: torch.Tensor) -> torch.Tensor:
+        """(N,) class indices. Vote ties go to the class with the larger summed softmax."""
+        logits = self.constituent_logits(images)
+        proba = self.aggregate(logits)
+        if self.aggregation == "vote":
+            proba = proba + 1e-6 * logits.softmax(-1).mean(0)  # below one vote's weight of 1/S
+        return proba.argmax(-1)
+
+    def aggregate(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.aggregation == "mean":
+            return logits.softmax(-1).mean(0)
+        votes = torch.nn.functional.one_hot(logits.argmax(-1), self.config.classes).float()
+        return votes.mean(0)
+
+    def _check_shape(self, images: torch.Tensor) -> None:
+        if images.ndim != 4 or images.shape[1] != self.config.channels:
+            raise UsageError(f"expected images shaped (N, {self.config.channels}, H, W), got {tuple(images.shape)}")

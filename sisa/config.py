@@ -1,0 +1,94 @@
+"""Run configuration: everything that decides what a SISA run trains.
+
+Training is a deterministic function of (this config, the retained sample ids). `config_hash`
+covers exactly the fields that change the learned weights, so a checkpoint's lineage can name
+the recipe that produced it. Where the data lives and which device runs it are not part of it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    # data
+    dataset: str = "digits"  # digits | mnist | fashion-mnist | cifar10 | path to a CSV manifest
+    # SISA layout
+    shards: int = 5  # S: disjoint shards, one constituent model each
+    slices: int = 4  # R: incremental slices per shard, one checkpoint after each
+    epochs: int = 16  # e: epochs an unsliced shard would get; slicing spreads 2R/(R+1)*e over slices
+    # model
+    arch: str = "resnet18"
+    # optimiser: SGD with Nesterov momentum; per slice, lr warms up linearly then decays to 0
+    batch_size: int = 64
+    lr: float = 0.05  # peak learning rate
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    warmup: float = 0.2  # fraction of each slice's steps spent warming up
+    label_smoothing: float = 0.0
+    # augmentation, done on whole batches on the training device
+    crop_pad: int = 1  # random-crop padding in pixels (0: no crop)
+    flip: bool = False  # random horizontal flip (wrong for digits, right for clothes and CIFAR)
+    seed: int = 0
+    # set from the data when the run is created, so the index records what was trained
+    channels: int = 0
+    classes: int = 0
+    class_names: tuple[str, ...] = field(default_factory=tuple)
+
+    def training_fields(self) -> dict:
+        """The fields that change the learned weights (dataset identity is hashed separately)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in ("dataset", "class_names")}
+
+    @property
+    def config_hash(self) -> str:
+        blob = json.dumps(self.training_fields(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "RunConfig":
+        raw = json.loads(text)
+        raw["class_names"] = tuple(raw.get("class_names", ()))
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in raw.items() if k in known})
+
+    def validate(self) -> None:
+        from .errors import UsageError
+
+        for name in ("shards", "slices", "epochs", "batch_size"):
+            if getattr(self, name) < 1:
+                raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise UsageError(f"--lr must be positive, got {self.lr}")
+        if not 0 <= self.warmup < 1:
+            raise UsageError(f"warmup must be in [0, 1), got {self.warmup}")
+        if self.crop_pad < 0:
+            raise UsageError(f"crop padding must be >= 0, got {self.crop_pad}")
+
+
+# Per-dataset defaults for augmentation: digits must not be flipped; clothes and CIFAR may.
+AUGMENT_DEFAULTS = {
+    "digits": dict(crop_pad=1, flip=False),
+    "mnist": dict(crop_pad=2, flip=False),
+    "fashion-mnist": dict(crop_pad=2, flip=True),
+    "cifar10": dict(crop_pad=4, flip=True),
+}
+
+
+def slice_epochs(slices: int, epochs: int) -> list[int]:
+    """Epochs for each incremental slice step, SISA's rule without starving any slice.
+
+    Bourtoule et al. (sec. IV-C): an unsliced shard trained for e epochs costs as many
+    sample-epochs as R incremental steps sharing e' = 2R/(R+1) * e epochs. The reference
+    implementation floors e'/R per slice, so small e gives some slices zero epochs; here the
+    rounded total is spread as evenly as possible, every slice gets at least one, and the
+    remainder goes to the last slices, whose checkpoints are the ones that serve.
+    """
+    total = max(slices, round(2 * slices / (slices + 1) * epochs))
+    base, extra = divmod(total, slices)
+    return [base + (1 if i >= slices - extra else 0) for i in range(slices)]

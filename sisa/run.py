@@ -1,0 +1,360 @@
+"""A run directory: create it, train it, forget samples from it, say what it holds.
+
+    <run>/index.sqlite        the index (store.index): config, samples, live checkpoints, requests
+    <run>/checkpoints/*.pt    content-addressed checkpoint files, one per (shard, slice)
+    <run>/.lock               held by the one command that may write the run
+
+Training and forgetting are the same operation, `complete()`: for every shard, find the first
+slice whose live checkpoint is missing or was trained on ids other than the retained ones (its
+lineage hash), and retrain from there. A forget only marks samples deleted (one transaction,
+journaled as a request) and then completes; a crash anywhere leaves a state the next
+`complete()` finishes, because the work to do is always derived from the index, never
+remembered in memory.
+"""
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterable
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import torch
+from sqlalchemy import select, update
+
+from store.checkpoints import clean_temp, load_checkpoint, save_checkpoint
+from store.index import (ACTIVE, DELETED, DONE, PENDING, RETRAINING, Checkpoint, Index, Request, RunRow,
+                         Sample, lineage_hash, utcnow)
+
+from .config import AUGMENT_DEFAULTS, RunConfig, slice_epochs
+from .data import Dataset, load_dataset
+from .errors import SisaError, UsageError
+from .partition import partition
+from .train import Progress, ShardJob, initial_state, run_shard_job
+
+INDEX_FILE = "index.sqlite"
+CKPT_DIR = "checkpoints"
+
+
+@dataclass
+class CompleteReport:
+    shards_retrained: list[int] = field(default_factory=list)
+    slices_retrained: dict[int, list[int]] = field(default_factory=dict)  # shard -> slices
+    sample_epochs: int = 0  # work spent
+    full_sample_epochs: int = 0  # work a retrain of every shard from scratch would spend
+    seconds: float = 0.0
+
+
+@dataclass
+class ForgetReport:
+    request_id: int
+    samples_removed: int
+    already_deleted: int
+    shards_retrained: list[int]
+    slices_retrained: dict[int, list[int]]
+    sample_epochs: int
+    full_sample_epochs: int
+    seconds: float
+
+    @property
+    def cost_fraction(self) -> float:
+        return self.sample_epochs / self.full_sample_epochs if self.full_sample_epochs else 0.0
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["slices_retrained"] = {str(k): v for k, v in self.slices_retrained.items()}
+        d["cost_fraction"] = round(self.cost_fraction, 6)
+        return d
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"unknown device {name!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda requested but no CUDA GPU is available")
+    return device
+
+
+class Run:
+    def __init__(self, run_dir: Path, index: Index):
+        self.dir = Path(run_dir)
+        self.index = index
+        row = index.run()
+        self.config = RunConfig.from_json(row.config_json)
+        self.data_dir = row.data_dir
+        self.test_manifest = row.test_manifest
+        self._dataset: Dataset | None = None
+
+    # --- opening and creating -----------------------------------------------------------
+    @classmethod
+    def open(cls, run_dir: Path | str) -> "Run":
+        run_dir = Path(run_dir)
+        if not (run_dir / INDEX_FILE).is_file():
+            raise UsageError(f"no SISA run at {run_dir} (create one with `sisa train`)")
+        return cls(run_dir, Index(run_dir / INDEX_FILE))
+
+    @classmethod
+    def create(cls, run_dir: Path | str, config: RunConfig, data_dir: Path | str = "data",
+               download: bool = False, test_manifest: Path | str | None = None,
+               overwrite: bool = False) -> "Run":
+        """Partition the data and write the index. Training happens in `complete()`.
+
+        The index is built in a sibling folder and renamed into place, so a crash never
+        leaves a half-written run under the user's name.
+        """
+        run_dir = Path(run_dir)
+        config.validate()
+        if run_dir.exists() and not overwrite:
+            raise UsageError(f"{run_dir} already exists (pass --overwrite to replace it)")
+        data_dir = Path(data_dir).resolve()
+        data = load_dataset(config.dataset, data_dir, download, test_manifest)
+        config = _fit_to_data(config, data)
+        n = len(data.train)
+        if n < 2 * config.shards * config.slices:
+            raise UsageError(f"{n} samples are too few for {config.shards} shards x {config.slices} slices "
+                             "(each slice needs at least 2)")
+        hashes = data.train.sample_hashes()
+        building = run_dir.with_name(f".{run_dir.name}.creating-{os.getpid()}")
+        shutil.rmtree(building, ignore_errors=True)
+        (building / CKPT_DIR).mkdir(parents=True)
+        index = Index(building / INDEX_FILE)
+        places = partition(n, config.shards, config.slices, config.seed)
+        with index.transaction() as s:
+            s.add(RunRow(id=1, created_at=utcnow(), dataset=config.dataset,
+                         dataset_hash=hashlib.sha256("".join(hashes).encode()).hexdigest(),
+                         data_dir=str(data_dir), test_manifest=str(Path(test_manifest).resolve()) if test_manifest else None,
+                         shards=config.shards, slices=config.slices, epochs=config.epochs, arch=config.arch,
+                         seed=config.seed, config_json=config.to_json(), config_hash=config.config_hash))
+            s.execute(Sample.__table__.insert(), [
+                dict(id=i, row=r, label=int(y), owner=o, shard=p.shard, slice=p.slice, position=p.position,
+                     content_sha256=h, status=ACTIVE, request_id=None)
+                for r, (i, y, o, h, p) in enumerate(zip(data.train.ids, data.train.labels.tolist(),
+                                                        data.train.owners, hashes, places))])
+        index.close()
+        if run_dir.exists():
+            with writer_lock(run_dir):  # never pull a run from under a running forget
+                trash = run_dir.with_name(f".{run_dir.name}.old-{os.getpid()}")
+                os.replace(run_dir, trash)
+            os.replace(building, run_dir)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(building, run_dir)
+        run = cls.open(run_dir)
+        run._dataset = data
+        return run
+
+    # --- data --------------------------------------------------------------------------
+    def dataset(self) -> Dataset:
+        if self._dataset is None:
+            self._dataset = load_dataset(self.config.dataset, self.data_dir or "data",
+                                         test_manifest=self.test_manifest)
+        return self._dataset
+
+    # --- what needs training -----------------------------------------------------------
+    def shard_jobs(self) -> list[ShardJob]:
+        """One job per shard whose live checkpoints are not exactly what its retained data
+        would train: a missing checkpoint, or one whose lineage holds a deleted sample."""
+        live = self.index.checkpoints()
+        jobs = []
+        for shard in range(self.config.shards):
+            rows: list[list[int]] = [[] for _ in range(self.config.slices)]
+            ids: list[list[str]] = [[] for _ in range(self.config.slices)]
+            for smp in self.index.shard_samples(shard):
+                if smp.status == ACTIVE:
+                    rows[smp.slice].append(smp.row)
+                    ids[smp.slice].append(smp.id)
+            prefix: list[str] = []
+            for i in range(self.config.slices):
+                prefix += ids[i]
+                ck = live.get((shard, i))
+                if ck is None or ck.lineage_sha256 != lineage_hash(prefix) or ck.config_hash != self.config.config_hash:
+                    jobs.append(ShardJob(shard, i, rows, ids))
+                    break
+        return jobs
+
+    def full_cost(self) -> int:
+        """Sample-epochs of retraining every shard from scratch on the retained data."""
+        epochs = slice_epochs(self.config.slices, self.config.epochs)
+        total = 0
+        for shard in range(self.config.shards):
+            sizes = [0] * self.config.slices
+            for smp in self.index.shard_samples(shard):
+                sizes[smp.slice] += smp.status == ACTIVE
+            prefix = 0
+            for i, n in enumerate(sizes):
+                prefix += n
+                total += epochs[i] * prefix if prefix >= 2 else 0
+        return total
+
+    # --- the one operation that writes checkpoints ------------------------------------
+    def complete(self, device: str | torch.device = "cpu", progress: Progress | None = None) -> CompleteReport:
+        """Bring every live checkpoint in line with the retained data (see module docstring)."""
+        start = time.perf_counter()
+        device = pick_device(str(device))
+        ckpt_dir = self.dir / CKPT_DIR
+        clean_temp(ckpt_dir)
+        report = CompleteReport(full_sample_epochs=self.full_cost())
+        jobs = self.shard_jobs()
+        with self.index.transaction() as s:
+            s.execute(update(Request).where(Request.status == PENDING).values(status=RETRAINING))
+        if jobs:
+            data = self.dataset()
+            self._check_data(data, jobs)
+            row_of = {sid: r for r, sid in enumerate(data.train.ids)}
+        for job in jobs:
+            # Rows in the index are positions at creation; map through ids in case the source
+            # (a user's manifest) has since dropped deleted rows.
+            job.slice_rows = [[row_of[x] for x in ids] for ids in job.slice_ids]
+            state = self._state_before(job.shard, job.start)
+            new_rows = []
+            for res in run_shard_job(self.config, job, state, data.train.images, data.train.labels, device, progress):
+                path, sha = save_checkpoint(res.state, ckpt_dir, f"shard{res.shard:03d}-slice{res.slice:03d}")
+                new_rows.append(Checkpoint(shard=res.shard, slice=res.slice, path=f"{CKPT_DIR}/{path.name}",
+                                           sha256=sha, lineage_sha256=lineage_hash(res.ids),
+                                           config_hash=self.config.config_hash, n_samples=len(res.ids),
+                                           sample_epochs=res.sample_epochs, created_at=utcnow()))
+                report.sample_epochs += res.sample_epochs
+            # All of a shard's new checkpoints go live in one transaction, then the old files go.
+            with self.index.transaction() as s:
+                old = {c.path for c in s.scalars(select(Checkpoint).where(Checkpoint.shard == job.shard,
+                                                                          Checkpoint.slice >= job.start))}
+                s.execute(Checkpoint.__table__.delete().where(Checkpoint.shard == job.shard,
+                                                              Checkpoint.slice >= job.start))
+                s.add_all(new_rows)
+            for p in old - {c.path for c in new_rows}:
+                (self.dir / p).unlink(missing_ok=True)
+            report.shards_retrained.append(job.shard)
+            report.slices_retrained[job.shard] = list(range(job.start, self.config.slices))
+        self._remove_orphans()
+        with self.index.transaction() as s:
+            if jobs:
+                s.execute(update(RunRow).values(generation=RunRow.generation + 1))
+        report.seconds = time.perf_counter() - start
+        return report
+
+    def _state_before(self, shard: int, slice_: int) -> dict:
+        if slice_ == 0:
+            return initial_state(self.config, shard)
+        ck = self.index.checkpoints()[(shard, slice_ - 1)]
+        return load_checkpoint(self.dir / ck.path, ck.sha256)
+
+    def _check_data(self, data: Dataset, jobs: list[ShardJob]) -> None:
+        """Retraining must see the very data the run was created with, minus deletions."""
+        needed = {x for job in jobs for ids in job.slice_ids for x in ids}
+        present = {sid: r for r, sid in enumerate(data.train.ids) if sid in needed}
+        absent = needed - present.keys()
+        if absent:
+            raise SisaError(f"{len(absent)} retained samples are missing from {self.config.dataset}, "
+                            f"e.g. {sorted(absent)[0]!r}")
+        recorded = {}
+        for job in jobs:
+            recorded.update({s.id: s.content_sha256 for s in self.index.shard_samples(job.shard)})
+        hashes = data.train.sample_hashes()
+        changed = [sid for sid, r in present.items() if hashes[r] != recorded[sid]]
+        if changed:
+            raise SisaError(f"{len(changed)} retained samples changed since the run was created, "
+                            f"e.g. {changed[0]!r}: retraining on other data would not be exact")
+
+    def _remove_orphans(self) -> None:
+        live = {Path(c.path).name for c in self.index.checkpoints().values()}
+        for p in (self.dir / CKPT_DIR).glob("*.pt"):
+            if p.name not in live:
+                p.unlink(missing_ok=True)
+
+    # --- forgetting ------------------------------------------------------------------
+    def record_request(self, ids: Iterable[str] = (), owners: Iterable[str] = (),
+                       ignore_missing: bool = False) -> tuple[int, int, int]:
+        """Journal a deletion request and mark its samples deleted, in one transaction.
+        Returns (request id, samples newly deleted, samples already deleted)."""
+        found, missing = self.index.find_samples(ids, owners)
+        if missing and not ignore_missing:
+            shown = ", ".join(repr(m) for m in missing[:5])
+            more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+            raise SisaError(f"{len(missing)} ids/owners not in the index: {shown}{more} "
+                            "(pass --ignore-missing to forget the rest)")
+        fresh = [s.id for s in found if s.status == ACTIVE]
+        with self.index.transaction() as s:
+            req = Request(created_at=utcnow(), status=PENDING if fresh else DONE,
+                          finished_at=None if fresh else utcnow(), n_samples=len(fresh), report_json=None)
+            s.add(req)
+            s.flush()
+            for i in range(0, len(fresh), 500):
+                s.execute(update(Sample).where(Sample.id.in_(fresh[i:i + 500]))
+                          .values(status=DELETED, request_id=req.id, content_sha256=None))
+        return req.id, len(fresh), len(found) - len(fresh)
+
+    def forget(self, ids: Iterable[str] = (), owners: Iterable[str] = (), ignore_missing: bool = False,
+               device: str | torch.device = "cpu", progress: Progress | None = None) -> ForgetReport:
+        """Exactly unlearn samples (by id) or every sample of some owners."""
+        start = time.perf_counter()
+        req_id, removed, already = self.record_request(ids, owners, ignore_missing)
+        done = self.complete(device, progress)
+        report = ForgetReport(req_id, removed, already, done.shards_retrained, done.slices_retrained,
+                              done.sample_epochs, done.full_sample_epochs, time.perf_counter() - start)
+        self.finish_requests(report)
+        return report
+
+    def finish_requests(self, report: ForgetReport | None = None) -> None:
+        """Mark every journaled request done; only call once `complete()` has returned."""
+        with self.index.transaction() as s:
+            s.execute(update(Request).where(Request.status != DONE).values(
+                status=DONE, finished_at=utcnow(), report_json=json.dumps(report.to_dict()) if report else None))
+
+    # --- reading ---------------------------------------------------------------------
+    def status(self) -> dict:
+        row = self.index.run()
+        counts = self.index.counts()
+        live = self.index.checkpoints()
+        expected = self.config.shards * self.config.slices
+        stale = self.shard_jobs()
+        requests = self.index.requests()
+        return {
+            "run_dir": str(self.dir), "dataset": row.dataset, "dataset_hash": row.dataset_hash,
+            "config": json.loads(row.config_json), "config_hash": row.config_hash,
+            "generation": row.generation,
+            "samples": {"active": counts.get(ACTIVE, 0), "deleted": counts.get(DELETED, 0)},
+            "checkpoints": {"live": len(live), "expected": expected},
+            "complete": not stale,
+            "stale_shards": {j.shard: j.start for j in stale},
+            "requests": {"total": len(requests), "unfinished": sum(r.status != DONE for r in requests)},
+        }
+
+    def close(self) -> None:
+        self.index.close()
+
+
+def _fit_to_data(config: RunConfig, data: Dataset) -> RunConfig:
+    return replace(config, dataset=data.name, channels=data.channels, classes=len(data.class_names),
+                   class_names=data.class_names)
+
+
+def config_for(dataset: str, **overrides) -> RunConfig:
+    """A RunConfig with the dataset's augmentation defaults, then any explicit overrides."""
+    fields = dict(AUGMENT_DEFAULTS.get(dataset, dict(crop_pad=0, flip=False)))
+    fields.update({k: v for k, v in overrides.items() if v is not None})
+    return RunConfig(dataset=dataset, **fields)
+
+
+@contextmanager
+def writer_lock(run_dir: Path | str):
+    """The one-writer rule: an exclusive, non-blocking lock on <run>/.lock."""
+    path = Path(run_dir) / ".lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise SisaError(f"another sisa command is writing {run_dir}; try again when it has finished") from None
+        yield
+    finally:
+        os.close(fd)
+

@@ -1,0 +1,155 @@
+"""Incremental training of one shard's constituent, slice by slice (SISA, Bourtoule et al. sec. IV).
+
+Step i trains on slices 0..i of the shard, starting from the state after step i-1, for
+`slice_epochs(R, e)[i]` epochs. Everything random in step i (data order, crops, flips) is drawn
+from a generator seeded by (seed, "train", shard, i), and the initial weights from
+(seed, "init", shard): the result is a deterministic function of the config and the retained
+ids, which is what makes "retrain from slice r" equal to "train from scratch" bit for bit.
+
+A shard job is a pure function of its inputs (config, data, starting state); it returns states
+and never touches the index, so it can run in another process or on another machine.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .config import RunConfig, slice_epochs
+from .model import build_model, to_input
+from .partition import derive_seed
+
+# progress(shard, slice, epochs_done_in_slice, epochs_in_slice)
+Progress = Callable[[int, int, int, int], None]
+
+
+@dataclass
+class ShardJob:
+    """Train slices `start`..R-1 of `shard`. `slice_rows[i]` are the dataset rows of the
+    retained samples of slice i in training order, `slice_ids[i]` their ids."""
+
+    shard: int
+    start: int
+    slice_rows: list[list[int]]
+    slice_ids: list[list[str]]
+
+
+@dataclass
+class SliceResult:
+    shard: int
+    slice: int
+    state: dict  # {"model": ..., "optimizer": ...}: everything resuming needs
+    ids: list[str]  # the exact ordered ids this state was trained on
+    sample_epochs: int
+
+
+def initial_state(cfg: RunConfig, shard: int) -> dict:
+    """The weights a shard starts from, drawn from (seed, "init", shard) alone."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(derive_seed(cfg.seed, "init", shard))
+        model = build_model(cfg.arch, cfg.channels, cfg.classes)
+    return {"model": model.state_dict(), "optimizer": None}
+
+
+def make_optimizer(cfg: RunConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+    return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                           weight_decay=cfg.weight_decay, nesterov=cfg.momentum > 0)
+
+
+def lr_at(cfg: RunConfig, step: int, total: int) -> float:
+    """Linear warm-up to the peak, then linear decay towards zero, within one slice step."""
+    warm = max(1, round(cfg.warmup * total))
+    if step < warm:
+        return cfg.lr * (step + 1) / warm
+    return cfg.lr * (total - step) / max(1, total - warm)
+
+
+def augment(images: torch.Tensor, pad: int, flip: bool, gen: torch.Generator) -> torch.Tensor:
+    """Random crop (zero padding) and optional horizontal flip of a whole uint8 batch at once.
+
+    Offsets and flips are drawn on the CPU generator, so the draw is identical on any device;
+    the crop itself is one gather on the images' device, with no per-sample Python.
+    """
+    n, _, h, w = images.shape
+    if pad > 0:
+        shifts = torch.randint(0, 2 * pad + 1, (2, n), generator=gen).to(images.device)
+        padded = F.pad(images, (pad, pad, pad, pad))
+        rows = (shifts[0, :, None] + torch.arange(h, device=images.device))[:, None, :, None]
+        cols = (shifts[1, :, None] + torch.arange(w, device=images.device))[:, None, None, :]
+        batch = torch.arange(n, device=images.device)[:, None, None, None]
+        chans = torch.arange(images.shape[1], device=images.device)[None, :, None, None]
+        images = padded[batch, chans, rows, cols]
+    if flip:
+        mask = (torch.rand(n, generator=gen) < 0.5).to(images.device)
+        images = torch.where(mask[:, None, None, None], images.flip(3), images)
+    return images
+
+
+def train_step(cfg: RunConfig, model: torch.nn.Module, opt: torch.optim.Optimizer,
+               images: torch.Tensor, labels: torch.Tensor, epochs: int, gen: torch.Generator,
+               on_epoch: Callable[[int], None] | None = None) -> None:
+    """`epochs` passes over (images, labels). Batches are near-equal splits of a random order,
+    so no batch has a single sample (batch norm cannot train on one)."""
+    n = len(labels)
+    n_batches = math.ceil(n / cfg.batch_size)
+    total = epochs * n_batches
+    model.train()
+    for epoch in range(epochs):
+        order = torch.randperm(n, generator=gen)
+        x_epoch = augment(images[order.to(images.device)], cfg.crop_pad, cfg.flip, gen)
+        y_epoch = labels[order.to(labels.device)]
+        for b, (xb, yb) in enumerate(zip(torch.tensor_split(x_epoch, n_batches),
+                                         torch.tensor_split(y_epoch, n_batches))):
+            for group in opt.param_groups:
+                group["lr"] = lr_at(cfg, epoch * n_batches + b, total)
+            loss = F.cross_entropy(model(to_input(xb)), yb, label_smoothing=cfg.label_smoothing)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        if on_epoch:
+            on_epoch(epoch + 1)
+
+
+def run_shard_job(cfg: RunConfig, job: ShardJob, state: dict, images: torch.Tensor,
+                  labels: torch.Tensor, device: torch.device | str = "cpu",
+                  progress: Progress | None = None) -> Iterator[SliceResult]:
+    """Train slices job.start..R-1 from `state` (the state after slice start-1, or the initial
+    state), yielding each slice's resulting state as soon as it exists."""
+    device = torch.device(device)
+    epochs = slice_epochs(cfg.slices, cfg.epochs)
+    model = build_model(cfg.arch, cfg.channels, cfg.classes).to(device)
+    model.load_state_dict(state["model"])
+    opt_state = state["optimizer"]
+    for i in range(job.start, cfg.slices):
+        rows = [r for s in job.slice_rows[: i + 1] for r in s]
+        ids = [x for s in job.slice_ids[: i + 1] for x in s]
+        # The optimiser is rebuilt from saved state at every step, exactly as a resume would.
+        opt = make_optimizer(cfg, model)
+        if opt_state is not None:
+            opt.load_state_dict(opt_state)
+        trained = 0
+        if len(rows) >= 2:  # one sample cannot train batch norm: such a step leaves the state as is
+            gen = torch.Generator().manual_seed(derive_seed(cfg.seed, "train", job.shard, i))
+            index = torch.tensor(rows, dtype=torch.long)
+            train_step(cfg, model, opt, images[index].to(device), labels[index].to(device),
+                       epochs[i], gen, (lambda e, i=i: progress(job.shard, i, e, epochs[i])) if progress else None)
+            trained = epochs[i] * len(rows)
+        elif progress:
+            progress(job.shard, i, epochs[i], epochs[i])
+        state = {"model": {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()},
+                 "optimizer": _to_cpu(opt.state_dict())}
+        opt_state = state["optimizer"]
+        yield SliceResult(job.shard, i, state, ids, trained)
+
+
+def _to_cpu(obj):
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_to_cpu(v) for v in obj]
+    return obj

@@ -1,0 +1,83 @@
+"""Checkpoint files: written atomically, verified by sha256 before they are unpickled.
+
+A save serialises to memory, hashes the bytes, writes them to a temp file in the destination
+folder, fsyncs it, renames it over the final name and fsyncs the folder: a crash leaves either
+the old file, or the new one, complete, plus at worst a stray `*.tmp` that `clean_temp` removes.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from sisa.errors import IntegrityError
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def save_checkpoint(state: dict, folder: Path, stem: str) -> tuple[Path, str]:
+    """Atomically write `state` (tensors and plain Python values only) to `<stem>-<sha>.pt`.
+
+    The name carries the content hash, so a replacement never overwrites the file it replaces:
+    the old one stays valid until the index points elsewhere.
+    """
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    data = buf.getvalue()
+    sha = hashlib.sha256(data).hexdigest()
+    path = Path(folder) / f"{stem}-{sha[:16]}.pt"
+    write_atomic(path, data)
+    return path, sha
+
+
+def load_checkpoint(path: Path, sha256: str, map_location: str | torch.device = "cpu") -> dict:
+    """Read a checkpoint, refusing it unless its bytes hash to the sha256 the index recorded."""
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise IntegrityError(f"checkpoint missing: {path}") from None
+    actual = hashlib.sha256(data).hexdigest()
+    if actual != sha256:
+        raise IntegrityError(f"checkpoint {path} is corrupt: sha256 {actual[:12]}, index says {sha256[:12]}")
+    return torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def clean_temp(folder: Path) -> int:
+    """Remove temp files left by an interrupted save; returns how many."""
+    stray = list(Path(folder).glob(".*.tmp"))
+    for p in stray:
+        p.unlink(missing_ok=True)
+    return len(stray)

@@ -1,0 +1,176 @@
+"""The SQLite index of a run: its configuration, every sample's place, live checkpoints, requests.
+
+SQLAlchemy 2.0 with typed models. WAL lets readers (status, evaluate, predict) work while a
+forget writes; synchronous=FULL because a recorded deletion request must survive a power cut.
+The index knows nothing about training: `sisa` decides what to write, this module stores it.
+"""
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+
+from sqlalchemy import ForeignKey, Index as SqlIndex, create_engine, event, func, select
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+
+ACTIVE, DELETED = "active", "deleted"
+PENDING, RETRAINING, DONE = "pending", "retraining", "done"
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc).replace(tzinfo=None)
+
+
+def lineage_hash(ids: Iterable[str]) -> str:
+    """sha256 of the exact ordered ids a checkpoint was trained on (one per line)."""
+    h = hashlib.sha256()
+    for i in ids:
+        h.update(i.encode())
+        h.update(b"\n")
+    return h.hexdigest()
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class RunRow(Base):
+    """The run's single configuration row."""
+
+    __tablename__ = "run"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    created_at: Mapped[datetime]
+    dataset: Mapped[str]
+    dataset_hash: Mapped[str]  # sha256 over the ordered per-sample content hashes at creation
+    data_dir: Mapped[str | None]
+    test_manifest: Mapped[str | None]
+    shards: Mapped[int]
+    slices: Mapped[int]
+    epochs: Mapped[int]
+    arch: Mapped[str]
+    seed: Mapped[int]
+    config_json: Mapped[str]  # the whole RunConfig, optimiser settings included
+    config_hash: Mapped[str]
+    generation: Mapped[int] = mapped_column(default=0)  # bumped whenever the served models change
+
+
+class Sample(Base):
+    __tablename__ = "samples"
+    id: Mapped[str] = mapped_column(primary_key=True)
+    row: Mapped[int]  # row in the dataset's training split
+    label: Mapped[int]
+    owner: Mapped[str | None] = mapped_column(index=True)
+    shard: Mapped[int]
+    slice: Mapped[int]
+    position: Mapped[int]
+    content_sha256: Mapped[str | None]  # cleared on deletion: nothing of the sample stays
+    status: Mapped[str] = mapped_column(default=ACTIVE)
+    request_id: Mapped[int | None] = mapped_column(ForeignKey("requests.id"))
+    __table_args__ = (SqlIndex("ix_samples_place", "shard", "slice", "position"),)
+
+
+class Checkpoint(Base):
+    """A live checkpoint: the state of shard `shard` after training slices 0..`slice`."""
+
+    __tablename__ = "checkpoints"
+    shard: Mapped[int] = mapped_column(primary_key=True)
+    slice: Mapped[int] = mapped_column(primary_key=True)
+    path: Mapped[str]  # relative to the run directory
+    sha256: Mapped[str]
+    lineage_sha256: Mapped[str]
+    config_hash: Mapped[str]
+    n_samples: Mapped[int]  # samples in its lineage
+    sample_epochs: Mapped[int]  # work spent on this slice step
+    created_at: Mapped[datetime]
+
+
+class Request(Base):
+    """A deletion request, journaled before any retraining starts."""
+
+    __tablename__ = "requests"
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=True)
+    created_at: Mapped[datetime]
+    finished_at: Mapped[datetime | None]
+    status: Mapped[str] = mapped_column(default=PENDING)
+    n_samples: Mapped[int]
+    report_json: Mapped[str | None]
+
+
+class Index:
+    """Opens (and creates) `<run>/index.sqlite`."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.engine = create_engine(f"sqlite:///{self.path}")
+        event.listen(self.engine, "connect", _set_pragmas)
+        Base.metadata.create_all(self.engine)
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+
+    @contextmanager
+    def transaction(self) -> Iterator[Session]:
+        """One SQL transaction: committed on success, rolled back on any exception."""
+        with self._sessions.begin() as session:
+            yield session
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # --- reads -------------------------------------------------------------------------
+    def run(self) -> RunRow:
+        with self.transaction() as s:
+            row = s.get(RunRow, 1)
+        if row is None:
+            raise LookupError("index holds no run")
+        return row
+
+    def shard_samples(self, shard: int) -> list[Sample]:
+        """All samples of a shard, deleted ones included, in training order."""
+        with self.transaction() as s:
+            q = select(Sample).where(Sample.shard == shard).order_by(Sample.slice, Sample.position)
+            return list(s.scalars(q))
+
+    def checkpoints(self) -> dict[tuple[int, int], Checkpoint]:
+        with self.transaction() as s:
+            return {(c.shard, c.slice): c for c in s.scalars(select(Checkpoint))}
+
+    def requests(self) -> list[Request]:
+        with self.transaction() as s:
+            return list(s.scalars(select(Request).order_by(Request.id)))
+
+    def counts(self) -> dict[str, int]:
+        with self.transaction() as s:
+            rows = s.execute(select(Sample.status, func.count()).group_by(Sample.status)).all()
+        return {status: n for status, n in rows}
+
+    def find_samples(self, ids: Iterable[str] = (), owners: Iterable[str] = ()) -> tuple[list[Sample], list[str]]:
+        """Samples with the given ids or owners, and the ids/owners that matched nothing."""
+        ids, owners = list(dict.fromkeys(ids)), list(dict.fromkeys(owners))
+        found: dict[str, Sample] = {}
+        missing: list[str] = []
+        with self.transaction() as s:
+            for chunk in _chunks(ids, 500):  # SQLite caps bound parameters per statement
+                hits = {x.id: x for x in s.scalars(select(Sample).where(Sample.id.in_(chunk)))}
+                found.update(hits)
+                missing += [i for i in chunk if i not in hits]
+            for chunk in _chunks(owners, 500):
+                hits = list(s.scalars(select(Sample).where(Sample.owner.in_(chunk))))
+                found.update({x.id: x for x in hits})
+                seen = {x.owner for x in hits}
+                missing += [o for o in chunk if o not in seen]
+        return list(found.values()), missing
+
+
+def _chunks(items: list, n: int) -> Iterator[list]:
+    for i in range(0, len(items), n):
+        yield items[i:i + n]
+
+
+def _set_pragmas(dbapi_conn, _record) -> None:
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA synchronous=FULL")
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.execute("PRAGMA busy_timeout=30000")  # readers and a writer may meet; wait, don't fail
+    cur.close()
