@@ -102,7 +102,7 @@ def _read_idx(path: Path) -> np.ndarray:
         raise SisaError(f"{path} is not an idx file of unsigned bytes")
     rank = data[3]
     dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(rank)]
-    body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * rank)
+    body = np.frombuffer(bytearray(data), dtype=np.uint8, offset=4 + 4 * rank)  # writable for torch
     if body.size != int(np.prod(dims)):
         raise SisaError(f"{path} is truncated: header says {dims}, found {body.size} bytes")
     return body.reshape(dims)
@@ -177,7 +177,7 @@ def read_image(path: Path, channels: int | None = None, size: tuple[int, int] | 
     except (UnidentifiedImageError, OSError) as e:
         raise SisaError(f"cannot read image {path}: {e}") from None
     arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
-    return torch.from_numpy(np.ascontiguousarray(arr))
+    return torch.from_numpy(arr.copy())  # PIL's buffer is read-only
 
 
 def load_manifest(path: Path, class_names: tuple[str, ...] | None = None) -> tuple[Split, tuple[str, ...]]:

@@ -129,7 +129,9 @@ def run_shard_job(cfg: RunConfig, job: ShardJob, state: dict, images: torch.Tens
         # The optimiser is rebuilt from saved state at every step, exactly as a resume would.
         opt = make_optimizer(cfg, model)
         if opt_state is not None:
-            opt.load_state_dict(opt_state)
+            # load_state_dict keeps the given tensors when device and dtype already match, and
+            # training would then mutate the state yielded for the previous slice: pass a copy.
+            opt.load_state_dict(_cpu_copy(opt_state) if device.type == "cpu" else opt_state)
         trained = 0
         if len(rows) >= 2:  # one sample cannot train batch norm: such a step leaves the state as is
             gen = torch.Generator().manual_seed(derive_seed(cfg.seed, "train", job.shard, i))
@@ -140,16 +142,16 @@ def run_shard_job(cfg: RunConfig, job: ShardJob, state: dict, images: torch.Tens
         elif progress:
             progress(job.shard, i, epochs[i], epochs[i])
         state = {"model": {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()},
-                 "optimizer": _to_cpu(opt.state_dict())}
+                 "optimizer": _cpu_copy(opt.state_dict())}
         opt_state = state["optimizer"]
         yield SliceResult(job.shard, i, state, ids, trained)
 
 
-def _to_cpu(obj):
+def _cpu_copy(obj):
     if isinstance(obj, torch.Tensor):
         return obj.detach().to("cpu", copy=True)
     if isinstance(obj, dict):
-        return {k: _to_cpu(v) for k, v in obj.items()}
+        return {k: _cpu_copy(v) for k, v in obj.items()}
     if isinstance(obj, list):
-        return [_to_cpu(v) for v in obj]
+        return [_cpu_copy(v) for v in obj]
     return obj
