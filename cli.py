@@ -109,8 +109,7 @@ def train(
         run = sisa.Run.create(run_dir, cfg, data_dir=data_dir, download=download,
                               test_manifest=test_manifest, overwrite=overwrite)
     with writer_lock(run.dir), ShardProgress(sisa.slice_epochs(run.config.slices, run.config.epochs)) as bars:
-        report = run.complete(device, bars)
-        run.finish_requests()
+        report = run.resume(device, bars)
     payload = {"run_dir": str(run.dir), "shards_trained": report.shards_retrained,
                "sample_epochs": report.sample_epochs, "seconds": round(report.seconds, 3)}
     emit(as_json, payload, f"trained {len(report.shards_retrained)} shards x {run.config.slices} slices "
@@ -123,21 +122,30 @@ def forget(
     ids: Annotated[Optional[Path], typer.Option("--ids", help="CSV with an `id` column (or `owner`: all their samples).")] = None,
     ignore_missing: Annotated[bool, typer.Option(help="Forget the known ids and skip ids not in the index.")] = False,
     resume: Annotated[bool, typer.Option(help="Finish an interrupted forget (no --ids needed).")] = False,
+    receipt_ids: Annotated[bool, typer.Option(help="Put the raw ids in the receipt (default: only their sha256).")] = False,
     run_dir: RunDir = Path("sisa-run"),
     device: Device = "auto",
     as_json: JsonOut = False,
 ):
-    """Exactly unlearn samples: retrain each affected shard from its earliest affected slice."""
+    """Exactly unlearn samples: retrain each affected shard from its earliest affected slice.
+
+    The request is journaled before any training; if the command dies, `sisa forget --resume`
+    (or the next forget) finishes it. Each finished request leaves a receipt (`sisa receipts`)."""
     import sisa
-    from sisa.requests import read_request_file
+    from sisa.requests import open_request_file
     from sisa.run import writer_lock
 
-    if ids is None and not resume:
-        raise sisa.UsageError("pass --ids FILE.csv (or --resume to finish an interrupted forget)")
-    id_list, owners = read_request_file(ids) if ids is not None else ([], [])
+    if (ids is None) == (not resume):
+        raise sisa.UsageError("pass --ids FILE.csv, or --resume to finish an interrupted forget")
     run = sisa.Run.open(run_dir)
     with writer_lock(run.dir), ShardProgress(sisa.slice_epochs(run.config.slices, run.config.epochs)) as bars:
-        report = run.forget(id_list, owners, ignore_missing, device, bars)
+        if resume:
+            report = run.resume(device, bars)
+        else:
+            with open_request_file(ids) as (column, keys):
+                req = run.record_request(keys if column == "id" else None, keys if column == "owner" else None,
+                                         ignore_missing, receipt_ids)
+            report = run.resume(device, bars, req=req)
     d = report.to_dict()
     slices = sum(len(v) for v in report.slices_retrained.values())
     human = (f"forgot {report.samples_removed} samples"
@@ -199,6 +207,67 @@ def evaluate(run_dir: RunDir = Path("sisa-run"), device: Device = "auto", as_jso
     table.add_row("ensemble (vote)", f"{100 * result['ensemble_vote']:.2f}%")
     table.add_row("ensemble (mean)", f"{100 * result['ensemble_mean']:.2f}%")
     emit(as_json, result, table)
+
+
+@app.command()
+@handles_errors
+def audit(
+    retrain: Annotated[Optional[str], typer.Option(help="Also retrain SHARD (or `all`) from scratch on the CPU and compare bit for bit.")] = None,
+    repair: Annotated[bool, typer.Option(help="Rebuild corrupt or missing checkpoints from the last good one before them.")] = False,
+    run_dir: RunDir = Path("sisa-run"),
+    as_json: JsonOut = False,
+):
+    """Check every live checkpoint: sha256, lineage free of deleted samples, complete chain; and every receipt.
+
+    Exits 0 only when everything holds; each failure is named."""
+    from sisa import Run, UsageError
+    from sisa.audit import audit as run_audit
+    from sisa.run import writer_lock
+
+    run = Run.open(run_dir)
+    shards = range(run.config.shards)
+    if retrain is None:
+        chosen: list[int] = []
+    elif retrain == "all":
+        chosen = list(shards)
+    elif retrain.isdigit() and int(retrain) in shards:
+        chosen = [int(retrain)]
+    else:
+        raise UsageError(f"--retrain takes a shard 0..{run.config.shards - 1} or `all`, got {retrain!r}")
+    if repair:
+        with writer_lock(run.dir):
+            report = run_audit(run, chosen, repair=True)
+    else:
+        report = run_audit(run, chosen)
+    lines = [f"repaired: {r}" for r in report.repaired] + [f"FAIL {f}" for f in report.failures]
+    verdict = "ok" if report.ok else f"{len(report.failures)} failures"
+    emit(as_json, report.to_dict(), "\n".join(lines + [f"audit {verdict}: {report.checks} checks"
+                                                       + (f", shards {report.retrained} retrained bit for bit" if report.retrained else "")]))
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+@app.command()
+@handles_errors
+def receipts(run_dir: RunDir = Path("sisa-run"), as_json: JsonOut = False):
+    """List the deletion receipts of finished requests, each checked against its sha256."""
+    from sisa import Run
+    from sisa.receipts import verify_receipt
+
+    run = Run.open(run_dir)
+    rows = []
+    for req in run.index.requests():
+        path = run.dir / req.receipt_path if req.receipt_path else None
+        rows.append({"request_id": req.id, "status": req.status, "samples_deleted": req.n_samples,
+                     "created_at": req.created_at.isoformat() + "Z",
+                     "finished_at": req.finished_at.isoformat() + "Z" if req.finished_at else None,
+                     "receipt": str(path) if path else None, "receipt_sha256": req.receipt_sha256,
+                     "intact": path is not None and verify_receipt(path, req.receipt_sha256) is None})
+    table = Table("request", "status", "deleted", "finished", "receipt", "sha256", "intact")
+    for r in rows:
+        table.add_row(str(r["request_id"]), r["status"], str(r["samples_deleted"]), r["finished_at"] or "-",
+                      r["receipt"] or "-", (r["receipt_sha256"] or "-")[:16], "yes" if r["intact"] else "NO")
+    emit(as_json, {"receipts": rows}, table)
 
 
 @app.command()

@@ -5,38 +5,27 @@
     report = sisa.forget("sisa-run", ids=["train-00042"])
     ensemble = sisa.Ensemble.load("sisa-run")
     labels = ensemble.predict(images)          # uint8 (N, C, H, W)
+
+Names are imported on first use, so `import sisa.errors` (which `store` needs) stays light.
+No module shares a name with an exported function (a submodule would shadow it).
 """
 from __future__ import annotations
 
-from pathlib import Path
+import importlib
 
-from .aggregate import Ensemble
-from .config import RunConfig, slice_epochs
-from .data import Dataset, load_dataset
-from .errors import IntegrityError, SisaError, UsageError
-from .evaluate import evaluate
-from .run import CompleteReport, ForgetReport, Run, config_for, writer_lock
-
-__all__ = ["Ensemble", "RunConfig", "Run", "Dataset", "ForgetReport", "CompleteReport", "SisaError",
-           "UsageError", "IntegrityError", "config_for", "evaluate", "forget", "load_dataset",
-           "slice_epochs", "train"]
-
-
-def train(run_dir: Path | str, config: RunConfig | None = None, device: str = "cpu", progress=None,
-          **create_kwargs) -> Run:
-    """Create a run (partition + index) and train every shard, slice by slice."""
-    run = Run.create(run_dir, config or config_for("digits"), **create_kwargs)
-    with writer_lock(run.dir):
-        run.complete(device, progress)
-    return run
+_EXPORTS = {
+    "Ensemble": "aggregate",
+    "RunConfig": "config", "slice_epochs": "config",
+    "Dataset": "data", "load_dataset": "data",
+    "SisaError": "errors", "UsageError": "errors", "IntegrityError": "errors",
+    "evaluate": "evaluation",
+    "Run": "run", "ForgetReport": "run", "CompleteReport": "run", "config_for": "run",
+    "train": "run", "forget": "run", "writer_lock": "run",
+}
+__all__ = sorted(_EXPORTS)
 
 
-def forget(run_dir: Path | str, ids=(), owners=(), ignore_missing: bool = False, device: str = "cpu",
-           progress=None) -> ForgetReport:
-    """Exactly unlearn the given sample ids, or every sample of the given owners."""
-    run = Run.open(run_dir)
-    try:
-        with writer_lock(run.dir):
-            return run.forget(ids, owners, ignore_missing, device, progress)
-    finally:
-        run.close()
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'sisa' has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)

@@ -19,6 +19,7 @@ import json
 import os
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Iterable
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
@@ -28,14 +29,16 @@ import torch
 from sqlalchemy import select, update
 
 from store.checkpoints import clean_temp, load_checkpoint, save_checkpoint
-from store.index import (ACTIVE, DELETED, DONE, PENDING, RETRAINING, Checkpoint, Index, Request, RunRow,
-                         Sample, lineage_hash, utcnow)
+from store.index import (ACTIVE, DELETED, DONE, PENDING, RETRAINING, Checkpoint, Index, MissingKeys, Replacement,
+                         Request, RunRow, Sample, lineage_hash, utcnow)
 
 from .config import AUGMENT_DEFAULTS, RunConfig, slice_epochs
 from .data import Dataset, load_dataset
 from .errors import SisaError, UsageError
+from .faults import fault_point
+from .receipts import build_receipt, write_receipt
 from .partition import partition
-from .train import Progress, ShardJob, initial_state, run_shard_job
+from .training import Progress, ShardJob, initial_state, run_shard_job
 
 INDEX_FILE = "index.sqlite"
 CKPT_DIR = "checkpoints"
@@ -125,9 +128,28 @@ class Run:
         hashes = data.train.sample_hashes()
         building = run_dir.with_name(f".{run_dir.name}.creating-{os.getpid()}")
         shutil.rmtree(building, ignore_errors=True)
-        (building / CKPT_DIR).mkdir(parents=True)
-        index = Index(building / INDEX_FILE)
-        places = partition(n, config.shards, config.slices, config.seed)
+        try:
+            cls._write_index(building, config, data, hashes, data_dir, test_manifest)
+            if run_dir.exists():
+                with writer_lock(run_dir):  # never pull a run from under a running forget
+                    trash = run_dir.with_name(f".{run_dir.name}.old-{os.getpid()}")
+                    os.replace(run_dir, trash)
+                os.replace(building, run_dir)
+                shutil.rmtree(trash, ignore_errors=True)
+            else:
+                os.replace(building, run_dir)
+        finally:
+            shutil.rmtree(building, ignore_errors=True)
+        run = cls.open(run_dir)
+        run._dataset = data
+        return run
+
+    @staticmethod
+    def _write_index(folder: Path, config: RunConfig, data: Dataset, hashes: list[str], data_dir: Path,
+                     test_manifest: Path | str | None) -> None:
+        (folder / CKPT_DIR).mkdir(parents=True)
+        index = Index(folder / INDEX_FILE)
+        places = partition(len(data.train), config.shards, config.slices, config.seed)
         with index.transaction() as s:
             s.add(RunRow(id=1, created_at=utcnow(), dataset=config.dataset,
                          dataset_hash=hashlib.sha256("".join(hashes).encode()).hexdigest(),
@@ -140,17 +162,6 @@ class Run:
                 for r, (i, y, o, h, p) in enumerate(zip(data.train.ids, data.train.labels.tolist(),
                                                         data.train.owners, hashes, places))])
         index.close()
-        if run_dir.exists():
-            with writer_lock(run_dir):  # never pull a run from under a running forget
-                trash = run_dir.with_name(f".{run_dir.name}.old-{os.getpid()}")
-                os.replace(run_dir, trash)
-            os.replace(building, run_dir)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(building, run_dir)
-        run = cls.open(run_dir)
-        run._dataset = data
-        return run
 
     # --- data --------------------------------------------------------------------------
     def dataset(self) -> Dataset:
@@ -160,26 +171,44 @@ class Run:
         return self._dataset
 
     # --- what needs training -----------------------------------------------------------
+    def retained(self, shard: int) -> tuple[list[list[int]], list[list[str]]]:
+        """(rows, ids) of the shard's retained samples, per slice, in training order."""
+        rows: list[list[int]] = [[] for _ in range(self.config.slices)]
+        ids: list[list[str]] = [[] for _ in range(self.config.slices)]
+        for smp in self.index.shard_samples(shard):
+            if smp.status == ACTIVE:
+                rows[smp.slice].append(smp.row)
+                ids[smp.slice].append(smp.id)
+        return rows, ids
+
+    def expected_lineages(self, shard: int) -> list[str]:
+        """The lineage hash each slice's checkpoint must have, given the retained data."""
+        _, ids = self.retained(shard)
+        return [lineage_hash(x for s in ids[: i + 1] for x in s) for i in range(self.config.slices)]
+
     def shard_jobs(self) -> list[ShardJob]:
         """One job per shard whose live checkpoints are not exactly what its retained data
         would train: a missing checkpoint, or one whose lineage holds a deleted sample."""
         live = self.index.checkpoints()
         jobs = []
         for shard in range(self.config.shards):
-            rows: list[list[int]] = [[] for _ in range(self.config.slices)]
-            ids: list[list[str]] = [[] for _ in range(self.config.slices)]
-            for smp in self.index.shard_samples(shard):
-                if smp.status == ACTIVE:
-                    rows[smp.slice].append(smp.row)
-                    ids[smp.slice].append(smp.id)
-            prefix: list[str] = []
-            for i in range(self.config.slices):
-                prefix += ids[i]
+            for i, lineage in enumerate(self.expected_lineages(shard)):
                 ck = live.get((shard, i))
-                if ck is None or ck.lineage_sha256 != lineage_hash(prefix) or ck.config_hash != self.config.config_hash:
-                    jobs.append(ShardJob(shard, i, rows, ids))
+                if ck is None or ck.lineage_sha256 != lineage or ck.config_hash != self.config.config_hash:
+                    jobs.append(ShardJob(shard, i, *self.retained(shard)))
                     break
         return jobs
+
+    def train_from_scratch(self, shard: int, device: str | torch.device = "cpu"):
+        """Every slice state of `shard` trained from its initial weights on the retained data,
+        without reading or writing any checkpoint (what `audit --retrain` compares against)."""
+        data = self.dataset()
+        job = ShardJob(shard, 0, *self.retained(shard))
+        self._check_data(data, [job])
+        row_of = {sid: r for r, sid in enumerate(data.train.ids)}
+        job.slice_rows = [[row_of[x] for x in ids] for ids in job.slice_ids]
+        return run_shard_job(self.config, job, initial_state(self.config, shard), data.train.images,
+                             data.train.labels, device)
 
     def full_cost(self) -> int:
         """Sample-epochs of retraining every shard from scratch on the retained data."""
@@ -197,7 +226,12 @@ class Run:
 
     # --- the one operation that writes checkpoints ------------------------------------
     def complete(self, device: str | torch.device = "cpu", progress: Progress | None = None) -> CompleteReport:
-        """Bring every live checkpoint in line with the retained data (see module docstring)."""
+        """Bring every live checkpoint in line with the retained data (see module docstring).
+
+        Checkpoint files are written by a background thread while the next slice trains; a
+        shard's new checkpoints go live in one transaction once all of them are durable, and
+        only then are the files they replace deleted.
+        """
         start = time.perf_counter()
         device = pick_device(str(device))
         ckpt_dir = self.dir / CKPT_DIR
@@ -206,40 +240,59 @@ class Run:
         jobs = self.shard_jobs()
         with self.index.transaction() as s:
             s.execute(update(Request).where(Request.status == PENDING).values(status=RETRAINING))
+            in_flight = list(s.scalars(select(Request.id).where(Request.status == RETRAINING)))
         if jobs:
             data = self.dataset()
             self._check_data(data, jobs)
             row_of = {sid: r for r, sid in enumerate(data.train.ids)}
-        for job in jobs:
-            # Rows in the index are positions at creation; map through ids in case the source
-            # (a user's manifest) has since dropped deleted rows.
-            job.slice_rows = [[row_of[x] for x in ids] for ids in job.slice_ids]
-            state = self._state_before(job.shard, job.start)
-            new_rows = []
-            for res in run_shard_job(self.config, job, state, data.train.images, data.train.labels, device, progress):
-                path, sha = save_checkpoint(res.state, ckpt_dir, f"shard{res.shard:03d}-slice{res.slice:03d}")
-                new_rows.append(Checkpoint(shard=res.shard, slice=res.slice, path=f"{CKPT_DIR}/{path.name}",
-                                           sha256=sha, lineage_sha256=lineage_hash(res.ids),
-                                           config_hash=self.config.config_hash, n_samples=len(res.ids),
-                                           sample_epochs=res.sample_epochs, created_at=utcnow()))
-                report.sample_epochs += res.sample_epochs
-            # All of a shard's new checkpoints go live in one transaction, then the old files go.
-            with self.index.transaction() as s:
-                old = {c.path for c in s.scalars(select(Checkpoint).where(Checkpoint.shard == job.shard,
-                                                                          Checkpoint.slice >= job.start))}
-                s.execute(Checkpoint.__table__.delete().where(Checkpoint.shard == job.shard,
-                                                              Checkpoint.slice >= job.start))
-                s.add_all(new_rows)
-            for p in old - {c.path for c in new_rows}:
-                (self.dir / p).unlink(missing_ok=True)
-            report.shards_retrained.append(job.shard)
-            report.slices_retrained[job.shard] = list(range(job.start, self.config.slices))
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-writer") as writer:
+            for job in jobs:
+                # Rows in the index are positions at creation; map through ids in case the source
+                # (a user's manifest) has since dropped deleted rows.
+                job.slice_rows = [[row_of[x] for x in ids] for ids in job.slice_ids]
+                state = self._state_before(job.shard, job.start)
+                pending = []
+                for res in run_shard_job(self.config, job, state, data.train.images, data.train.labels,
+                                         device, progress):
+                    pending.append((res.slice, lineage_hash(res.ids), len(res.ids), res.sample_epochs,
+                                    writer.submit(self._save, res.state, res.shard, res.slice)))
+                    report.sample_epochs += res.sample_epochs
+                new_rows = [Checkpoint(shard=job.shard, slice=slc, path=f"{CKPT_DIR}/{path.name}", sha256=sha,
+                                       lineage_sha256=lineage, config_hash=self.config.config_hash,
+                                       n_samples=n, sample_epochs=work, created_at=utcnow())
+                            for slc, lineage, n, work, saved in pending for path, sha in [saved.result()]]
+                self._go_live(job, new_rows, in_flight)
+                report.shards_retrained.append(job.shard)
+                report.slices_retrained[job.shard] = list(range(job.start, self.config.slices))
         self._remove_orphans()
-        with self.index.transaction() as s:
-            if jobs:
+        if jobs:
+            with self.index.transaction() as s:
                 s.execute(update(RunRow).values(generation=RunRow.generation + 1))
+        fault_point("retrained")
         report.seconds = time.perf_counter() - start
         return report
+
+    def _save(self, state: dict, shard: int, slice_: int) -> tuple[Path, str]:
+        saved = save_checkpoint(state, self.dir / CKPT_DIR, f"shard{shard:03d}-slice{slice_:03d}")
+        fault_point("checkpoint-saved")
+        return saved
+
+    def _go_live(self, job: ShardJob, new_rows: list[Checkpoint], in_flight: list[int]) -> None:
+        """Swap a shard's checkpoints from slice job.start on, in one transaction; record the
+        swap for the receipts of the requests in flight; then delete the replaced files."""
+        with self.index.transaction() as s:
+            replaced = {c.slice: c for c in s.execute(select(Checkpoint.slice, Checkpoint.sha256, Checkpoint.path)
+                                                      .where(Checkpoint.shard == job.shard, Checkpoint.slice >= job.start))}
+            s.execute(Checkpoint.__table__.delete().where(Checkpoint.shard == job.shard,
+                                                          Checkpoint.slice >= job.start))
+            s.add_all(new_rows)
+            s.add_all([Replacement(request_id=r, shard=job.shard, slice=c.slice, new_sha256=c.sha256,
+                                   old_sha256=replaced[c.slice].sha256 if c.slice in replaced else None)
+                       for r in in_flight for c in new_rows])
+        fault_point("shard-committed")
+        for old in replaced.values():
+            if old.path not in {c.path for c in new_rows}:
+                (self.dir / old.path).unlink(missing_ok=True)
 
     def _state_before(self, shard: int, slice_: int) -> dict:
         if slice_ == 0:
@@ -271,43 +324,64 @@ class Run:
                 p.unlink(missing_ok=True)
 
     # --- forgetting ------------------------------------------------------------------
-    def record_request(self, ids: Iterable[str] = (), owners: Iterable[str] = (),
-                       ignore_missing: bool = False) -> tuple[int, int, int]:
-        """Journal a deletion request and mark its samples deleted, in one transaction.
-        Returns (request id, samples newly deleted, samples already deleted)."""
-        found, missing = self.index.find_samples(ids, owners)
-        if missing and not ignore_missing:
-            shown = ", ".join(repr(m) for m in missing[:5])
-            more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
-            raise SisaError(f"{len(missing)} ids/owners not in the index: {shown}{more} "
-                            "(pass --ignore-missing to forget the rest)")
-        fresh = [s.id for s in found if s.status == ACTIVE]
-        with self.index.transaction() as s:
-            req = Request(created_at=utcnow(), status=PENDING if fresh else DONE,
-                          finished_at=None if fresh else utcnow(), n_samples=len(fresh), report_json=None)
-            s.add(req)
-            s.flush()
-            for i in range(0, len(fresh), 500):
-                s.execute(update(Sample).where(Sample.id.in_(fresh[i:i + 500]))
-                          .values(status=DELETED, request_id=req.id, content_sha256=None))
-        return req.id, len(fresh), len(found) - len(fresh)
+    def record_request(self, ids: Iterable[str] | None = None, owners: Iterable[str] | None = None,
+                       ignore_missing: bool = False, receipt_ids: bool = False) -> Request:
+        """Journal a deletion request and mark its samples deleted, in one transaction, before
+        any training. `ids` and `owners` may be iterators: they are streamed, not collected."""
+        if (ids is None) == (owners is None):
+            raise UsageError("a request names either sample ids or owners")
+        column, keys = ("id", ids) if ids is not None else ("owner", owners)
+        try:
+            req, _ = self.index.journal_request(keys, column, ignore_missing, receipt_ids)
+        except MissingKeys as e:
+            shown = ", ".join(repr(m) for m in e.examples)
+            more = f" and {e.count - len(e.examples)} more" if e.count > len(e.examples) else ""
+            raise SisaError(f"{e.count} {column}s not in the index: {shown}{more} "
+                            "(pass --ignore-missing to forget the rest)") from None
+        fault_point("journaled")
+        return req
 
-    def forget(self, ids: Iterable[str] = (), owners: Iterable[str] = (), ignore_missing: bool = False,
-               device: str | torch.device = "cpu", progress: Progress | None = None) -> ForgetReport:
-        """Exactly unlearn samples (by id) or every sample of some owners."""
+    def forget(self, ids: Iterable[str] | None = None, owners: Iterable[str] | None = None,
+               ignore_missing: bool = False, device: str | torch.device = "cpu",
+               progress: Progress | None = None, receipt_ids: bool = False) -> ForgetReport:
+        """Exactly unlearn samples (by id) or every sample of some owners. Any unfinished
+        earlier request is completed along the way."""
         start = time.perf_counter()
-        req_id, removed, already = self.record_request(ids, owners, ignore_missing)
-        done = self.complete(device, progress)
-        report = ForgetReport(req_id, removed, already, done.shards_retrained, done.slices_retrained,
-                              done.sample_epochs, done.full_sample_epochs, time.perf_counter() - start)
-        self.finish_requests(report)
-        return report
+        req = self.record_request(ids, owners, ignore_missing, receipt_ids)
+        return self.resume(device, progress, start, req)
 
-    def finish_requests(self, report: ForgetReport | None = None) -> None:
-        """Mark every journaled request done; only call once `complete()` has returned."""
-        with self.index.transaction() as s:
-            s.execute(update(Request).where(Request.status != DONE).values(
-                status=DONE, finished_at=utcnow(), report_json=json.dumps(report.to_dict()) if report else None))
+    def resume(self, device: str | torch.device = "cpu", progress: Progress | None = None,
+               start: float | None = None, req: Request | None = None) -> ForgetReport:
+        """Finish whatever an interrupted command left: stale shards, unfinished requests."""
+        start = time.perf_counter() if start is None else start
+        done = self.complete(device, progress)
+        finished = self.finish_requests()
+        req = req or (finished[-1] if finished else None)
+        return ForgetReport(req.id if req else 0, req.n_samples if req else 0, req.n_already_deleted if req else 0,
+                            done.shards_retrained, done.slices_retrained, done.sample_epochs,
+                            done.full_sample_epochs, time.perf_counter() - start)
+
+    def finish_requests(self) -> list[Request]:
+        """Write a receipt for each journaled request and mark it done. Refuses while any live
+        checkpoint was trained on data that is no longer retained: a request is never "done"
+        while a model still holds one of its samples."""
+        stale = self.shard_jobs()
+        if stale:
+            raise SisaError(f"shards {[j.shard for j in stale]} are not retrained yet; run with --resume")
+        finished = []
+        for req in self.index.requests():
+            if req.status == DONE:
+                continue
+            finished_at = utcnow()
+            receipt = build_receipt(self.index, req, finished_at)
+            path, sha = write_receipt(self.dir, receipt)
+            fault_point("receipt-written")
+            with self.index.transaction() as s:
+                s.execute(update(Request).where(Request.id == req.id).values(
+                    status=DONE, finished_at=finished_at, receipt_path=str(path.relative_to(self.dir)),
+                    receipt_sha256=sha))
+            finished.append(req)
+        return finished
 
     # --- reading ---------------------------------------------------------------------
     def status(self) -> dict:
@@ -358,3 +432,24 @@ def writer_lock(run_dir: Path | str):
     finally:
         os.close(fd)
 
+
+
+def train(run_dir: Path | str, config: RunConfig | None = None, device: str = "cpu", progress: Progress | None = None,
+          **create_kwargs) -> Run:
+    """Create a run (partition + index) and train every shard, slice by slice."""
+    run = Run.create(run_dir, config or config_for("digits"), **create_kwargs)
+    with writer_lock(run.dir):
+        run.complete(device, progress)
+    return run
+
+
+def forget(run_dir: Path | str, ids: Iterable[str] | None = None, owners: Iterable[str] | None = None,
+           ignore_missing: bool = False, device: str = "cpu", progress: Progress | None = None,
+           receipt_ids: bool = False) -> ForgetReport:
+    """Exactly unlearn the given sample ids, or every sample of the given owners."""
+    run = Run.open(run_dir)
+    try:
+        with writer_lock(run.dir):
+            return run.forget(ids, owners, ignore_missing, device, progress, receipt_ids)
+    finally:
+        run.close()

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from sisa.errors import IntegrityError
+from sisa.faults import fault_point
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -40,6 +41,7 @@ def write_atomic(path: Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        fault_point("temp-written")
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -12,7 +12,8 @@ from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
-from sqlalchemy import ForeignKey, Index as SqlIndex, create_engine, event, func, select
+from sqlalchemy import (Column, ForeignKey, Index as SqlIndex, MetaData, String, Table, create_engine, event, func,
+                        select, update)
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 ACTIVE, DELETED = "active", "deleted"
@@ -87,15 +88,31 @@ class Checkpoint(Base):
 
 
 class Request(Base):
-    """A deletion request, journaled before any retraining starts."""
+    """A deletion request, journaled before any retraining starts: pending -> retraining -> done."""
 
     __tablename__ = "requests"
     id: Mapped[int] = mapped_column(primary_key=True, autoincrement=True)
     created_at: Mapped[datetime]
     finished_at: Mapped[datetime | None]
     status: Mapped[str] = mapped_column(default=PENDING)
-    n_samples: Mapped[int]
+    n_samples: Mapped[int]  # samples this request deleted (not counting ones already deleted)
+    n_already_deleted: Mapped[int] = mapped_column(default=0)
+    receipt_ids: Mapped[bool] = mapped_column(default=False)  # put raw ids in the receipt, not only hashes
+    receipt_path: Mapped[str | None]
+    receipt_sha256: Mapped[str | None]
     report_json: Mapped[str | None]
+
+
+class Replacement(Base):
+    """A checkpoint replaced while a request was in flight: what its receipt proves was removed."""
+
+    __tablename__ = "replacements"
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=True)
+    request_id: Mapped[int] = mapped_column(ForeignKey("requests.id"), index=True)
+    shard: Mapped[int]
+    slice: Mapped[int]
+    old_sha256: Mapped[str | None]  # None: there was no live checkpoint (an interrupted training)
+    new_sha256: Mapped[str]
 
 
 class Index:
@@ -144,27 +161,56 @@ class Index:
             rows = s.execute(select(Sample.status, func.count()).group_by(Sample.status)).all()
         return {status: n for status, n in rows}
 
-    def find_samples(self, ids: Iterable[str] = (), owners: Iterable[str] = ()) -> tuple[list[Sample], list[str]]:
-        """Samples with the given ids or owners, and the ids/owners that matched nothing."""
-        ids, owners = list(dict.fromkeys(ids)), list(dict.fromkeys(owners))
-        found: dict[str, Sample] = {}
-        missing: list[str] = []
+    def journal_request(self, keys: Iterable[str], column: str, ignore_missing: bool = False,
+                        receipt_ids: bool = False) -> tuple[Request, int]:
+        """Record a deletion request and mark its samples deleted, in one transaction.
+
+        `keys` are sample ids (column "id") or owners ("owner"); they are streamed through a
+        temporary table, so a request of millions of ids never sits in a Python list. Keys that
+        match nothing raise MissingKeys (and the transaction rolls back) unless `ignore_missing`.
+        Returns the request and the number of keys that matched nothing.
+        """
+        col = Sample.id if column == "id" else Sample.owner
         with self.transaction() as s:
-            for chunk in _chunks(ids, 500):  # SQLite caps bound parameters per statement
-                hits = {x.id: x for x in s.scalars(select(Sample).where(Sample.id.in_(chunk)))}
-                found.update(hits)
-                missing += [i for i in chunk if i not in hits]
-            for chunk in _chunks(owners, 500):
-                hits = list(s.scalars(select(Sample).where(Sample.owner.in_(chunk))))
-                found.update({x.id: x for x in hits})
-                seen = {x.owner for x in hits}
-                missing += [o for o in chunk if o not in seen]
-        return list(found.values()), missing
+            conn = s.connection()
+            _request_keys.create(conn, checkfirst=True)
+            conn.execute(_request_keys.delete())
+            for chunk in _chunks(keys, 10_000):
+                conn.execute(_request_keys.insert().prefix_with("OR IGNORE"), [{"key": k} for k in chunk])
+            unknown = select(_request_keys.c.key).where(_request_keys.c.key.not_in(select(col).where(col.is_not(None))))
+            n_missing = conn.execute(select(func.count()).select_from(unknown.subquery())).scalar_one()
+            if n_missing and not ignore_missing:
+                raise MissingKeys(n_missing, list(conn.execute(unknown.limit(5)).scalars()))
+            named = col.in_(select(_request_keys.c.key))
+            by_status = dict(conn.execute(select(Sample.status, func.count()).where(named).group_by(Sample.status)).all())
+            req = Request(created_at=utcnow(), status=PENDING, n_samples=by_status.get(ACTIVE, 0),
+                          n_already_deleted=by_status.get(DELETED, 0), receipt_ids=receipt_ids)
+            s.add(req)
+            s.flush()
+            s.execute(update(Sample).where(named, Sample.status == ACTIVE)
+                      .values(status=DELETED, request_id=req.id, content_sha256=None))
+            conn.execute(_request_keys.delete())
+        return req, n_missing
 
 
-def _chunks(items: list, n: int) -> Iterator[list]:
-    for i in range(0, len(items), n):
-        yield items[i:i + n]
+class MissingKeys(LookupError):
+    def __init__(self, count: int, examples: list[str]):
+        super().__init__(f"{count} keys not in the index")
+        self.count, self.examples = count, examples
+
+
+_request_keys = Table("request_keys", MetaData(), Column("key", String, primary_key=True), prefixes=["TEMPORARY"])
+
+
+def _chunks(items: Iterable, n: int) -> Iterator[list]:
+    chunk: list = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == n:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
 
 
 def _set_pragmas(dbapi_conn, _record) -> None:

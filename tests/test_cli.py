@@ -14,7 +14,7 @@ from cli import app
 from .conftest import file_hashes
 
 runner = CliRunner()
-COMMANDS = ["train", "forget", "predict", "evaluate", "status"]
+COMMANDS = ["train", "forget", "predict", "evaluate", "status", "audit", "receipts"]
 
 
 def invoke(*args):
@@ -77,7 +77,7 @@ def test_train_status_evaluate_predict_forget(tmp_path, digits_manifest):
     (None, 2, "not found"),
     ("", 1, "empty"),
     ("name\nx\n", 1, "no `id` or `owner` column"),
-    ("id\ntrain-0001\nnobody\nghost\n", 1, "2 ids/owners not in the index: 'nobody', 'ghost'"),
+    ("id\ntrain-0001\nnobody\nghost\n", 1, "2 ids not in the index: 'nobody', 'ghost'"),
     (b"\x89PNG\r\n\x1a\n\0\0\0", 1, "binary"),
     (b"id\n\xff\xfe\xfa\n", 1, "not UTF-8"),
 ])

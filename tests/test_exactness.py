@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 import sisa
-from sisa.train import ShardJob, initial_state, run_shard_job
+from sisa.training import ShardJob, initial_state, run_shard_job
 from store.checkpoints import load_checkpoint
 from store.index import ACTIVE, Index
 
@@ -62,7 +62,7 @@ def assert_exact_forget(run_dir, ids=(), owners=()):
         s = samples[sid]
         first[s.shard] = min(first.get(s.shard, 99), s.slice)
 
-    report = sisa.forget(run_dir, ids=ids, owners=owners)
+    report = sisa.forget(run_dir, ids=ids or None, owners=owners or None)
 
     assert report.samples_removed == len(target)
     assert sorted(report.shards_retrained) == sorted(first)

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import RunConfig, slice_epochs
+from .faults import fault_point
 from .model import build_model, to_input
 from .partition import derive_seed
 
@@ -111,6 +112,7 @@ def train_step(cfg: RunConfig, model: torch.nn.Module, opt: torch.optim.Optimize
             opt.step()
         if on_epoch:
             on_epoch(epoch + 1)
+        fault_point("epoch")
 
 
 def run_shard_job(cfg: RunConfig, job: ShardJob, state: dict, images: torch.Tensor,

@@ -1,0 +1,128 @@
+"""`sisa audit`: check that a run holds what its index says, and nothing it should have forgotten.
+
+For every live checkpoint: its file's sha256 matches the index; its lineage (the hash of the
+exact ordered ids it was trained on), recomputed from the index, holds no deleted sample; the
+chain of slices is complete; no superseded checkpoint file lingers. Every request is finished and
+its receipt intact. `retrain` additionally retrains shards from scratch on the CPU and compares
+every slice bit for bit. `repair` rebuilds corrupt or missing checkpoints from the last good
+checkpoint before them (deterministic training makes the rebuilt file byte-identical).
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from sqlalchemy import select
+
+from store.checkpoints import file_sha256, load_checkpoint
+from store.index import DELETED, DONE, Checkpoint, Sample
+
+from .receipts import verify_receipt
+from .run import CKPT_DIR, Run
+
+
+@dataclass
+class AuditReport:
+    checks: int = 0
+    failures: list[str] = field(default_factory=list)
+    retrained: list[int] = field(default_factory=list)
+    repaired: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures
+
+    def to_dict(self) -> dict:
+        return {"ok": self.ok, "checks": self.checks, "failures": self.failures,
+                "retrained_shards": self.retrained, "repaired": self.repaired}
+
+
+def state_equal(a, b) -> bool:
+    """Bitwise equality of two nested states (tensors compared with torch.equal, dtype and shape)."""
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(state_equal(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return isinstance(b, (list, tuple)) and len(a) == len(b) and all(state_equal(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def audit(run: Run, retrain: Iterable[int] = (), repair: bool = False) -> AuditReport:
+    if repair:
+        report = AuditReport(repaired=_repair(run))
+        result = audit(run, retrain)
+        result.repaired = report.repaired
+        return result
+    report = AuditReport()
+    live = run.index.checkpoints()
+    bad_files: set[tuple[int, int]] = set()
+    for shard in range(run.config.shards):
+        for i, lineage in enumerate(run.expected_lineages(shard)):
+            where = f"shard {shard} slice {i}"
+            report.checks += 3
+            ck = live.get((shard, i))
+            if ck is None:
+                report.failures.append(f"{where}: no live checkpoint (the chain of slices is incomplete)")
+                bad_files.add((shard, i))
+                continue
+            path = run.dir / ck.path
+            if not path.exists():
+                report.failures.append(f"{where}: checkpoint file {ck.path} is missing")
+                bad_files.add((shard, i))
+            elif file_sha256(path) != ck.sha256:
+                report.failures.append(f"{where}: checkpoint file {ck.path} does not match its sha256 (corrupt)")
+                bad_files.add((shard, i))
+            if ck.lineage_sha256 != lineage:
+                report.failures.append(f"{where}: trained on ids other than the retained ones "
+                                       "(its lineage holds deleted or missing samples)")
+            if ck.config_hash != run.config.config_hash:
+                report.failures.append(f"{where}: trained with another configuration")
+    live_names = {Path(c.path).name for c in live.values()}
+    for p in sorted((run.dir / CKPT_DIR).glob("*.pt")):
+        report.checks += 1
+        if p.name not in live_names:
+            report.failures.append(f"stray checkpoint file {CKPT_DIR}/{p.name} (superseded, not removed)")
+    for req in run.index.requests():
+        report.checks += 1
+        if req.status != DONE:
+            report.failures.append(f"request {req.id} is {req.status}, not done (run `sisa forget --resume`)")
+        elif problem := verify_receipt(run.dir / (req.receipt_path or "missing"), req.receipt_sha256):
+            report.failures.append(f"request {req.id}: {problem}")
+    with run.index.transaction() as s:
+        kept = list(s.scalars(select(Sample.id).where(Sample.status == DELETED, Sample.content_sha256.is_not(None))))
+    report.checks += 1
+    if kept:
+        report.failures.append(f"{len(kept)} deleted samples still have a content hash, e.g. {kept[0]!r}")
+    for shard in sorted(set(retrain)):
+        report.retrained.append(shard)
+        if any(k[0] == shard for k in bad_files):
+            report.failures.append(f"shard {shard}: cannot compare with a retrain, its checkpoints are broken")
+            continue
+        for res in run.train_from_scratch(shard, "cpu"):
+            report.checks += 1
+            ck = live[(shard, res.slice)]
+            if not state_equal(load_checkpoint(run.dir / ck.path, ck.sha256), res.state):
+                report.failures.append(f"shard {shard} slice {res.slice}: differs from retraining from scratch")
+    return report
+
+
+def _repair(run: Run) -> list[str]:
+    """Drop the index rows of each shard from its first corrupt or missing checkpoint on, then
+    let `complete()` rebuild them from the last good one before it."""
+    repaired = []
+    live = run.index.checkpoints()
+    for shard in range(run.config.shards):
+        for i in range(run.config.slices):
+            ck = live.get((shard, i))
+            if ck is not None and (run.dir / ck.path).exists() and file_sha256(run.dir / ck.path) == ck.sha256:
+                continue
+            with run.index.transaction() as s:
+                s.execute(Checkpoint.__table__.delete().where(Checkpoint.shard == shard, Checkpoint.slice >= i))
+            repaired.append(f"shard {shard}: rebuilt slices {i}..{run.config.slices - 1}")
+            break
+    run.complete("cpu")
+    run.finish_requests()
+    return repaired
