@@ -33,7 +33,7 @@ def sisa(*args: str) -> tuple[dict, float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--forgets", type=int, default=5, help="single-id forget requests, one after another")
+    ap.add_argument("--forgets", type=int, default=10, help="single-id forget requests, one after another")
     ap.add_argument("--seed", type=int, default=0, help="seed of the ids drawn for forgetting")
     ap.add_argument("--shards", type=int, default=5)
     args = ap.parse_args()
