@@ -45,9 +45,9 @@ def environment() -> dict:
     }
 
 
-def write_results(name: str, payload: dict, markdown: str) -> tuple[Path, Path]:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    js, md = RESULTS / f"{name}.json", RESULTS / f"{name}.md"
+def write_results(name: str, payload: dict, markdown: str, folder: Path = RESULTS) -> tuple[Path, Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    js, md = folder / f"{name}.json", folder / f"{name}.md"
     js.write_text(json.dumps(payload, indent=2) + "\n")
     env = payload["environment"]
     md.write_text(markdown.rstrip() + "\n\n" + "\n".join([

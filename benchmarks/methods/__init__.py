@@ -1,0 +1,1 @@
+"""Unlearning methods compared against SISA in the benchmarks (see ../shared/BENCHMARKS.md)."""

@@ -1,0 +1,46 @@
+"""Gradient ascent (GA): ascend the cross-entropy on the forget set.
+
+`unlearn` is plain GA (OPTML's recipe: a few epochs at a small lr). `unlearn_dual` is the
+dual-phase form: each epoch an ascent pass on the forget set at lr*beta, then a descent pass on
+the retain set at lr, which repairs what the ascent broke.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+
+from sisa.partition import derive_seed
+
+from .common import Task, batches, sgd
+
+GRID = [dict(epochs=5, lr=1e-3), dict(epochs=5, lr=1e-4), dict(epochs=1, lr=1e-2), dict(epochs=5, lr=1e-2)]
+DUAL_GRID = [dict(epochs=e, lr=lr, beta=0.3) for e in (1, 2) for lr in (0.01, 0.05)]
+
+
+def _pass(model, opt, task: Task, rows, gen, sign: float) -> None:
+    for x, y in batches(task, rows, gen):
+        loss = sign * F.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+
+def unlearn(original, task: Task, epochs: int, lr: float, seed: int = 0):
+    model = copy.deepcopy(original).train()
+    gen = torch.Generator().manual_seed(derive_seed(seed, "ga"))
+    opt = sgd(model, lr, weight_decay=0.0)
+    for _ in range(epochs):
+        _pass(model, opt, task, task.forget, gen, sign=-1.0)
+    return model.eval()
+
+
+def unlearn_dual(original, task: Task, epochs: int, lr: float, beta: float = 0.3, seed: int = 0):
+    model = copy.deepcopy(original).train()
+    gen = torch.Generator().manual_seed(derive_seed(seed, "ga-dual"))
+    ascent, descent = sgd(model, lr * beta, weight_decay=0.0), sgd(model, lr)
+    for _ in range(epochs):
+        _pass(model, ascent, task, task.forget, gen, sign=-1.0)
+        _pass(model, descent, task, task.retain, gen, sign=1.0)
+    return model.eval()

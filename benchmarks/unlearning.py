@@ -1,0 +1,394 @@
+"""SISA against retraining and approximate unlearning, following ../shared/BENCHMARKS.md.
+
+    python -m benchmarks.unlearning --quick      # digits on a 2-core CPU, under 15 minutes
+    python -m benchmarks.unlearning              # Fashion-MNIST and MNIST on one GPU
+    python -m benchmarks.unlearning --smoke      # seconds; only checks the pipeline (tests use it)
+
+Experiments, each written to benchmarks/results/unlearning_<mode>.{json,md} with PNG plots:
+  1. method table: random 10% and 1% forget sets; one original ResNet-18 (trained until it
+     memorises) shared by every approximate method; Retrain; SISA; times measured in this run.
+  2. SISA's cost curve: K = 1, 8, 32 single-id requests one after another and as one batch,
+     measured sample-epochs and time against retraining, and the SISA paper's cost model.
+  3. ensemble accuracy against S at equal total training compute (R = 1), vote and mean.
+  4. DeltaGrad on MNIST with the models where caching its trajectory is feasible, against
+     Retrain on the same model; and the memory ResNet-18 would need.
+
+Tuning: each approximate method gets a small grid; the choice is made on a *tuning* forget set
+(disjoint from the evaluated one) and a validation split carved from the test split, never on
+the evaluated forget set: score = |acc(tuning forget set) - acc(validation)| + max(0, validation
+accuracy lost against the original). Lower is better; it needs no retrained model.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import sisa
+from sisa.config import AUGMENT_DEFAULTS
+from sisa.data import Dataset, load_dataset
+from sisa.model import build_model
+
+from . import metrics
+from .common import RESULTS, environment, write_results
+from .methods import finetune, gradient_ascent, neggrad, retrain
+from .methods.common import Task, logits_of, new_model, train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """Where a benchmark's data comes from, as both the monolithic code and `sisa.train` load it."""
+
+    name: str  # a built-in name, or a CSV manifest path
+    data_dir: str
+    test_manifest: str | None = None
+    augment: str = "digits"  # whose augmentation defaults apply
+
+    def load(self) -> Dataset:
+        return load_dataset(self.name, self.data_dir, test_manifest=self.test_manifest)
+
+    def config(self, **kw) -> "sisa.RunConfig":
+        return sisa.config_for(self.name, **{**AUGMENT_DEFAULTS.get(self.augment, {}), **kw})
+
+    def train(self, run_dir: Path, cfg, device) -> "sisa.Run":
+        return sisa.train(run_dir, cfg, device=str(device), data_dir=self.data_dir, test_manifest=self.test_manifest,
+                          overwrite=True)
+
+
+@dataclass(frozen=True)
+class Setting:
+    """Sizes of one benchmark mode. Epoch counts are for the monolithic model; SISA gets the
+    same e (its slices spread 2R/(R+1)e, so the sample-epochs match)."""
+
+    datasets: tuple[str, ...]
+    epochs: int  # original model and Retrain; long enough to memorise the training set
+    lr: float
+    batch_size: int
+    shards: int
+    slices: int
+    fractions: tuple[float, ...] = (0.1, 0.01)
+    subset: int | None = None  # train on the first n training samples only
+    grid_limit: int | None = None  # first n configurations of each method's grid
+    curve_epochs: int = 2  # the SISA run of the cost curve (its timings only need relative work)
+    curve_k: tuple[int, ...] = (1, 8, 32)
+    s_sweep: tuple[int, ...] = (1, 2, 5, 10, 20)
+    s_sweep_epochs: int = 4
+    deltagrad_subset: int | None = 10_000
+    seed: int = 0
+
+
+SETTINGS = {
+    "full": Setting(("fashion-mnist", "mnist"), epochs=30, lr=0.1, batch_size=256, shards=5, slices=10,
+                    curve_epochs=10, s_sweep_epochs=15, deltagrad_subset=None),
+    "quick": Setting(("digits",), epochs=8, lr=0.05, batch_size=64, shards=5, slices=4, grid_limit=2,
+                     s_sweep_epochs=4, deltagrad_subset=4000),
+    "smoke": Setting(("digits",), epochs=1, lr=0.05, batch_size=64, shards=2, slices=2, subset=240,
+                     grid_limit=1, curve_epochs=1, curve_k=(1, 2), s_sweep=(1, 2), s_sweep_epochs=1,
+                     deltagrad_subset=500),
+}
+
+
+def timed(fn, *args, **kwargs):
+    sync()
+    start = time.perf_counter()
+    out = fn(*args, **kwargs)
+    sync()
+    return out, time.perf_counter() - start
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def split_rows(n: int, fraction: float, rng: np.random.Generator, exclude: np.ndarray | None = None) -> np.ndarray:
+    pool = np.setdiff1d(np.arange(n), exclude) if exclude is not None else np.arange(n)
+    return np.sort(rng.choice(pool, max(1, round(fraction * n)), replace=False))
+
+
+def monolithic_metrics(model, data: Dataset, task: Task, val: torch.Tensor) -> dict:
+    rows = {"forget": task.forget, "retain": task.retain}
+    logits = {k: logits_of(model, task.images[r]) for k, r in rows.items()}
+    logits["test"] = logits_of(model, data.test.images.to(task.images.device))[~val]
+    labels = {k: task.labels[r].cpu() for k, r in rows.items()}
+    labels["test"] = data.test.labels[~val]
+    return metrics.evaluate(logits, labels)
+
+
+def tune(name: str, fn, grid: list[dict], original, task: Task, tune_rows: torch.Tensor, data: Dataset,
+         val: torch.Tensor, val_acc_original: float) -> tuple[dict, list[dict]]:
+    """Pick hyper-parameters on the tuning forget set and the validation split (see module doc)."""
+    tuning = replace(task, forget=tune_rows, retain=_complement(task, tune_rows))
+    val_x, val_y = data.test.images[val].to(task.images.device), data.test.labels[val]
+    tried = []
+    for hp in grid:
+        model = fn(original, tuning, **hp)
+        acc_f = (logits_of(model, task.images[tune_rows]).argmax(-1) == task.labels[tune_rows].cpu()).float().mean().item()
+        acc_v = (logits_of(model, val_x).argmax(-1) == val_y).float().mean().item()
+        score = abs(acc_f - acc_v) + max(0.0, val_acc_original - acc_v)
+        tried.append({"hp": hp, "tune_forget_acc": 100 * acc_f, "val_acc": 100 * acc_v, "score": score})
+    best = min(tried, key=lambda t: t["score"])
+    return best["hp"], tried
+
+
+def _complement(task: Task, rows: torch.Tensor) -> torch.Tensor:
+    mask = torch.ones(len(task.labels), dtype=torch.bool, device=rows.device)
+    mask[rows] = False
+    return mask.nonzero().squeeze(1)
+
+
+def sisa_metrics(run_dir: Path, data: Dataset, task: Task, val: torch.Tensor, device) -> dict:
+    ens = sisa.Ensemble.load(run_dir, device=device)
+    cpu = {"forget": task.forget.cpu(), "retain": task.retain.cpu()}
+    imgs = {k: data.train.images[r] for k, r in cpu.items()}
+    imgs["test"] = data.test.images[~val]
+    labels = {k: data.train.labels[r] for k, r in cpu.items()}
+    labels["test"] = data.test.labels[~val]
+    logits = {k: ens.constituent_logits(x) for k, x in imgs.items()}
+    out = metrics.evaluate({k: z.softmax(-1).mean(0) for k, z in logits.items()}, labels, are_logits=False)
+    for k, z in logits.items():  # accuracy by majority vote, SISA's default aggregation
+        votes = torch.nn.functional.one_hot(z.argmax(-1), z.shape[-1]).sum(0).float()
+        out[f"{k}_acc"] = 100 * ((votes + 1e-6 * z.softmax(-1).mean(0)).argmax(-1) == labels[k]).float().mean().item()
+    return out
+
+
+APPROXIMATE = {
+    "FT": (finetune.unlearn, finetune.GRID),
+    "GA": (gradient_ascent.unlearn, gradient_ascent.GRID),
+    "GA (dual)": (gradient_ascent.unlearn_dual, gradient_ascent.DUAL_GRID),
+    "NegGrad+": (neggrad.unlearn, neggrad.GRID),
+}
+
+
+def method_table(spec: DataSpec, data: Dataset, st: Setting, device, workdir: Path) -> dict:
+    name = Path(spec.name).stem
+    aug = AUGMENT_DEFAULTS.get(spec.augment, {})
+    n = len(data.train)
+    images, labels = data.train.images.to(device), data.train.labels.to(device)
+    rng = np.random.default_rng(st.seed)
+    val = torch.zeros(len(data.test), dtype=torch.bool)
+    val[rng.choice(len(data.test), len(data.test) // 5, replace=False)] = True  # 20% of test -> validation
+    base = Task(images, labels, torch.arange(n, device=device), torch.empty(0, dtype=torch.long, device=device),
+                len(data.class_names), aug.get("crop_pad", 0), aug.get("flip", False), st.batch_size, st.seed)
+
+    original, t_orig = timed(train, new_model(base, st.seed), base, base.retain, st.epochs, st.lr, seed=st.seed)
+    orig_train_acc = 100 * (logits_of(original, images).argmax(-1) == labels.cpu()).float().mean().item()
+    val_x = data.test.images[val].to(device)
+    val_acc_orig = (logits_of(original, val_x).argmax(-1) == data.test.labels[val]).float().mean().item()
+
+    # SISA trained once on the same data and epochs; each forget starts from a copy of it.
+    sisa_dir = workdir / f"sisa-{name}"
+    cfg = spec.config(shards=st.shards, slices=st.slices, epochs=st.epochs, lr=st.lr, batch_size=st.batch_size,
+                      seed=st.seed)
+    _, t_sisa_train = timed(spec.train, sisa_dir, cfg, device)
+
+    out = {"original": {"train_seconds": t_orig, "train_acc": orig_train_acc,
+                        "test_acc": 100 * (logits_of(original, data.test.images[~val].to(device)).argmax(-1)
+                                           == data.test.labels[~val]).float().mean().item()},
+           "sisa_train_seconds": t_sisa_train, "fractions": {}}
+    for frac in st.fractions:
+        forget = torch.from_numpy(split_rows(n, frac, rng)).to(device)
+        tune_rows = torch.from_numpy(split_rows(n, frac, rng, exclude=forget.cpu().numpy())).to(device)
+        task = replace(base, forget=forget, retain=_complement(base, forget))
+        rows: dict[str, dict] = {}
+        model, secs = timed(retrain.unlearn, task, st.epochs, st.lr, seed=st.seed)
+        rows["Retrain"] = {**monolithic_metrics(model, data, task, val), "seconds": secs}
+        t_retrain = secs
+        for label, (fn, grid) in APPROXIMATE.items():
+            grid = grid[: st.grid_limit] if st.grid_limit else grid
+            hp, tried = tune(label, fn, grid, original, task, tune_rows, data, val, val_acc_orig)
+            model, secs = timed(fn, original, task, **hp)
+            rows[label] = {**monolithic_metrics(model, data, task, val), "seconds": secs, "hp": hp, "grid": tried}
+        run_dir = workdir / f"sisa-{name}-{frac}"
+        shutil.rmtree(run_dir, ignore_errors=True)
+        shutil.copytree(sisa_dir, run_dir)
+        ids = [data.train.ids[i] for i in forget.tolist()]
+        report, secs = timed(sisa.forget, run_dir, ids=ids, device=str(device))
+        rows["SISA"] = {**sisa_metrics(run_dir, data, task, val, device), "seconds": secs,
+                        "shards_retrained": len(report.shards_retrained),
+                        "slices_retrained": sum(len(v) for v in report.slices_retrained.values()),
+                        "sample_epochs": report.sample_epochs, "full_sample_epochs": report.full_sample_epochs}
+        shutil.rmtree(run_dir, ignore_errors=True)
+        for r in rows.values():
+            r["gap_to_retrain"] = metrics.gap(r, rows["Retrain"])
+            r["speedup"] = t_retrain / r["seconds"]
+        out["fractions"][str(frac)] = {"forget_size": len(forget), "methods": rows}
+    return out
+
+
+def cost_curve(spec: DataSpec, data: Dataset, st: Setting, device, workdir: Path) -> dict:
+    """K single-id requests one after another (cumulative over one sequence) and as one batch."""
+    name = Path(spec.name).stem
+    base = workdir / f"curve-{name}"
+    cfg = spec.config(shards=st.shards, slices=st.slices, epochs=st.curve_epochs, lr=st.lr,
+                      batch_size=st.batch_size, seed=st.seed)
+    run, t_train = timed(spec.train, base, cfg, device)
+    full = run.full_cost()
+    run.close()
+    rng = np.random.default_rng(st.seed + 1)
+    ids = [data.train.ids[i] for i in rng.choice(len(data.train), max(st.curve_k), replace=False)]
+    seq_dir = workdir / f"curve-{name}-seq"
+    shutil.copytree(base, seq_dir)
+    sequential, spent, secs = {}, 0, 0.0
+    for k, sid in enumerate(ids, start=1):
+        rep, t = timed(sisa.forget, seq_dir, ids=[sid], device=str(device))
+        spent, secs = spent + rep.sample_epochs, secs + t
+        if k in st.curve_k:
+            sequential[k] = {"sample_epochs": spent, "seconds": secs}
+    batch = {}
+    for k in st.curve_k:
+        d = workdir / f"curve-{name}-batch{k}"
+        shutil.copytree(base, d)
+        rep, t = timed(sisa.forget, d, ids=ids[:k], device=str(device))
+        batch[k] = {"sample_epochs": rep.sample_epochs, "seconds": t, "shards_retrained": len(rep.shards_retrained)}
+        shutil.rmtree(d)
+    shutil.rmtree(seq_dir)
+    S, R = st.shards, st.slices
+    return {"train_seconds": t_train, "full_sample_epochs": full,
+            "points": [{"k": k, "sequential": sequential[k], "batch": batch[k],
+                        "retrain_k_times_sample_epochs": k * full, "retrain_once_sample_epochs": full,
+                        "model_sequential_fraction": k * (1 / S) * (2 / 3 + 1 / (3 * R)),
+                        "model_batch_fraction": batch_cost_model(S, R, k),
+                        "model_shards_hit": S * (1 - (1 - 1 / S) ** k)} for k in st.curve_k]}
+
+
+def batch_cost_model(S: int, R: int, k: int, draws: int = 200_000, seed: int = 0) -> float:
+    """Expected fraction of full retraining for k deletions in one batch, each in a uniform
+    (shard, slice): a hit shard retrains from its earliest hit slice, slice i costing i+1 units."""
+    rng = np.random.default_rng(seed)
+    shard = rng.integers(0, S, (draws, k))
+    slc = rng.integers(0, R, (draws, k))
+    earliest = np.full((draws, S), R)
+    np.minimum.at(earliest, (np.repeat(np.arange(draws), k), shard.ravel()), slc.ravel())
+    # cost of retraining slices r..R-1 in units of (slice size x epochs): sum_{i=r}^{R-1} (i+1)
+    cost = (R * (R + 1) - earliest * (earliest + 1)) / 2
+    return float(cost.sum(1).mean() / (S * R * (R + 1) / 2))
+
+
+def accuracy_vs_shards(spec: DataSpec, st: Setting, device, workdir: Path) -> dict:
+    """R = 1 and the same epochs for every S: each sample is seen equally often, so the total
+    training compute is equal and only the split into constituents differs."""
+    points = []
+    for S in st.s_sweep:
+        cfg = spec.config(shards=S, slices=1, epochs=st.s_sweep_epochs, lr=st.lr, batch_size=st.batch_size,
+                          seed=st.seed)
+        d = workdir / f"shards-{Path(spec.name).stem}-{S}"
+        _, secs = timed(spec.train, d, cfg, device)
+        ev = sisa.evaluate(d, device=device)
+        points.append({"shards": S, "vote": 100 * ev["ensemble_vote"], "mean": 100 * ev["ensemble_mean"],
+                       "seconds": secs, "mean_constituent": 100 * float(np.mean(list(ev["constituents"].values())))})
+        shutil.rmtree(d)
+    return {"epochs": st.s_sweep_epochs, "points": points}
+
+
+def deltagrad_table(st: Setting, data_dir: str) -> dict:
+    from .methods import deltagrad
+
+    resnet_params = sum(p.numel() for p in build_model("resnet18", 3, 10).parameters())
+    iters = 30 * -(-50_000 // 128)  # 30 epochs of CIFAR-10 size at batch 128
+    out = {"resnet18": {"params": resnet_params, "iterations": iters,
+                        "cache_bytes": deltagrad.trajectory_bytes(resnet_params, iters),
+                        "note": "parameters and gradients of every iteration in fp32: infeasible"}}
+    try:
+        mnist = load_dataset("mnist", data_dir)
+    except sisa.SisaError as e:
+        out["skipped"] = str(e)
+        return out
+    n = st.deltagrad_subset or len(mnist.train)
+    X = mnist.train.images[:n].reshape(n, -1).double() / 255
+    y = mnist.train.labels[:n]
+    Xt = mnist.test.images.reshape(len(mnist.test), -1).double() / 255
+    yt = mnist.test.labels
+    rng = np.random.default_rng(st.seed)
+    out["subset"] = n
+    out["rows"] = []
+    for model in ("logreg", "mlp"):
+        for frac in st.fractions:
+            removed = torch.from_numpy(np.sort(rng.choice(n, max(1, round(frac * n)), replace=False)))
+            cfg = deltagrad.DeltaGradConfig(model=model, seed=st.seed)
+            res = deltagrad.benchmark(X, y, Xt, yt, cfg, removed)
+            out["rows"].append({"model": model, "fraction": frac, **_plain(res)})
+    return out
+
+
+def _plain(obj):
+    if isinstance(obj, dict):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, torch.Tensor):
+        return obj.item() if obj.numel() == 1 else obj.tolist()
+    if isinstance(obj, (np.floating, np.integer)):
+        return obj.item()
+    return obj
+
+
+def write_subset(spec: DataSpec, n: int, folder: Path) -> DataSpec:
+    from PIL import Image
+
+    data = spec.load()
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for split, count in (("train", n), ("test", n // 2)):
+        part = getattr(data, split)
+        lines = ["id,path,label"]
+        for i in range(count):
+            img = part.images[i]
+            Image.fromarray(img[0].numpy() if img.shape[0] == 1 else img.permute(1, 2, 0).numpy()).save(
+                folder / f"{part.ids[i]}.png")
+            lines.append(f"{part.ids[i]},{part.ids[i]}.png,{data.class_names[int(part.labels[i])]}")
+        paths[split] = folder / f"{split}.csv"
+        paths[split].write_text("\n".join(lines) + "\n")
+    return DataSpec(str(paths["train"]), spec.data_dir, str(paths["test"]), spec.augment)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    mode = ap.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true", help="digits on a CPU, under 15 minutes")
+    mode.add_argument("--smoke", action="store_true", help="tiny: checks the pipeline in seconds")
+    ap.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "datasets"))
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--out", default=None, help="results name (default unlearning_<mode>)")
+    ap.add_argument("--results-dir", type=Path, default=RESULTS, help="where results go")
+    args = ap.parse_args()
+    name = "smoke" if args.smoke else "quick" if args.quick else "full"
+    st = SETTINGS[name]
+    device = sisa.run.pick_device(args.device)
+    torch.manual_seed(st.seed)
+    started = time.perf_counter()
+    results: dict = {"environment": environment(), "mode": name, "setting": st.__dict__, "datasets": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        for ds in st.datasets:
+            spec = DataSpec(ds, args.data_dir, augment=ds)
+            if st.subset:  # the smoke mode: a few hundred digits written as a manifest of PNG files
+                spec = write_subset(spec, st.subset, work / "subset")
+            data = spec.load()
+            results["datasets"][ds] = {
+                "train_samples": len(data.train),
+                "methods": method_table(spec, data, st, device, work),
+                "cost_curve": cost_curve(spec, data, st, device, work),
+                "accuracy_vs_shards": accuracy_vs_shards(spec, st, device, work),
+            }
+        results["deltagrad"] = deltagrad_table(st, args.data_dir)
+    results["seconds"] = time.perf_counter() - started
+    from .report import render
+
+    out = args.out or f"unlearning_{name}"
+    md = render(results, out, args.results_dir)
+    write_results(out, _plain(results), md, args.results_dir)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()

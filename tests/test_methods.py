@@ -1,0 +1,105 @@
+"""Each unlearning method of the benchmarks does what its name says, on a small real task."""
+from __future__ import annotations
+
+import copy
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from benchmarks import metrics
+from benchmarks.methods import finetune, gradient_ascent, neggrad, retrain
+from benchmarks.methods.common import Task, logits_of, new_model, train
+from benchmarks.unlearning import batch_cost_model
+from sisa.audit import state_equal
+from sisa.data import load_digits
+
+
+@pytest.fixture(scope="module")
+def task() -> Task:
+    d = load_digits()
+    n = 200
+    rows = torch.arange(n)
+    return Task(d.train.images[:n].clone(), d.train.labels[:n].clone(), rows[20:], rows[:20], 10, crop_pad=1,
+                batch_size=32, seed=3)
+
+
+@pytest.fixture(scope="module")
+def original(task):
+    everything = replace(task, retain=torch.arange(len(task.labels)))
+    model = train(new_model(task, 3), everything, everything.retain, epochs=10, lr=0.05, seed=3)
+    acc = (logits_of(model, task.images).argmax(-1) == task.labels).float().mean().item()
+    assert acc > 0.95, f"the original must have learnt its training set (accuracy {acc:.2f})"
+    return model
+
+
+def loss_on(model, task, rows):
+    return F.cross_entropy(logits_of(model, task.images[rows]), task.labels[rows]).item()
+
+
+def scrambled(task, rows):
+    """The task with the pixels of `rows` replaced: a method that never reads them can't tell."""
+    images = task.images.clone()
+    images[rows] = torch.randint(0, 256, images[rows].shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    return replace(task, images=images)
+
+
+def weights(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_retrain_is_deterministic_and_never_reads_the_forget_set(task):
+    a = retrain.unlearn(task, epochs=1, lr=0.05, seed=1)
+    b = retrain.unlearn(scrambled(task, task.forget), epochs=1, lr=0.05, seed=1)
+    assert state_equal(weights(a), weights(b))
+    c = retrain.unlearn(task, epochs=1, lr=0.05, seed=2)
+    assert not state_equal(weights(a), weights(c))
+
+
+def test_finetune_trains_on_the_retain_set_only(task, original):
+    a = finetune.unlearn(original, task, epochs=1, lr=0.01)
+    b = finetune.unlearn(original, scrambled(task, task.forget), epochs=1, lr=0.01)
+    assert state_equal(weights(a), weights(b))
+    assert not state_equal(weights(a), weights(original)), "the original is not modified in place"
+    assert state_equal(weights(original), weights(copy.deepcopy(original)))
+
+
+@pytest.mark.parametrize("method", ["plain", "dual"])
+def test_gradient_ascent_raises_the_forget_loss(task, original, method):
+    before_f, before_r = loss_on(original, task, task.forget), loss_on(original, task, task.retain)
+    if method == "plain":
+        model = gradient_ascent.unlearn(original, task, epochs=3, lr=1e-2)
+        other = gradient_ascent.unlearn(original, scrambled(task, task.retain), epochs=3, lr=1e-2)
+        assert state_equal(weights(model), weights(other)), "plain GA reads only the forget set"
+    else:
+        model = gradient_ascent.unlearn_dual(original, task, epochs=1, lr=0.05, beta=0.3)
+    after_f, after_r = loss_on(model, task, task.forget), loss_on(model, task, task.retain)
+    assert after_f > before_f
+    assert after_f - before_f > after_r - before_r, "the forget set suffers more than the retain set"
+
+
+def test_neggrad_plus_pushes_forget_loss_above_retain_loss(task, original):
+    model = neggrad.unlearn(original, task, epochs=2, lr=0.01, alpha=0.9)
+    gain_f = loss_on(model, task, task.forget) - loss_on(original, task, task.forget)
+    gain_r = loss_on(model, task, task.retain) - loss_on(original, task, task.retain)
+    assert gain_f > gain_r
+
+
+def test_mia_metrics_separate_members_from_non_members():
+    rng = np.random.default_rng(0)
+    same = metrics.mia_kit(rng.exponential(1.0, 500), rng.exponential(1.0, 500))
+    apart = metrics.mia_kit(rng.exponential(0.01, 500), rng.exponential(3.0, 500))
+    assert 0.4 < same < 0.6 and apart > 0.9
+    members, non = rng.uniform(0.95, 1.0, 400), rng.uniform(0.0, 0.6, 400)
+    assert metrics.mia_efficacy(members, non, rng.uniform(0.95, 1.0, 100)) < 0.1  # remembered: called members
+    assert metrics.mia_efficacy(members, non, rng.uniform(0.0, 0.6, 100)) > 0.9  # forgotten
+    row = {"forget_acc": 90.0, "retain_acc": 99.0, "test_acc": 95.0, "mia_efficacy": 10.0}
+    assert metrics.gap(row, row) == 0 and metrics.gap({**row, "test_acc": 91.0}, row) == 1.0
+
+
+@pytest.mark.parametrize("S,R", [(5, 4), (20, 50), (1, 1)])
+def test_batch_cost_model_matches_the_papers_single_request_formula(S, R):
+    assert batch_cost_model(S, R, 1) == pytest.approx((1 / S) * (2 / 3 + 1 / (3 * R)), rel=0.02)
+    assert batch_cost_model(S, R, 1000) == pytest.approx(1.0, abs=0.01)
