@@ -35,6 +35,7 @@ import sisa
 from sisa.config import AUGMENT_DEFAULTS
 from sisa.data import Dataset, load_dataset
 from sisa.model import build_model
+from sisa.run import pick_device
 
 from . import metrics
 from .common import RESULTS, environment, write_results
@@ -91,9 +92,9 @@ SETTINGS = {
                     curve_epochs=10, s_sweep_epochs=15, deltagrad_subset=None),
     "quick": Setting(("digits",), epochs=8, lr=0.05, batch_size=64, shards=5, slices=4, grid_limit=2,
                      s_sweep_epochs=4, deltagrad_subset=4000),
-    "smoke": Setting(("digits",), epochs=1, lr=0.05, batch_size=64, shards=2, slices=2, subset=240,
-                     grid_limit=1, curve_epochs=1, curve_k=(1, 2), s_sweep=(1, 2), s_sweep_epochs=1,
-                     deltagrad_subset=500),
+    "smoke": Setting(("digits",), epochs=1, lr=0.05, batch_size=64, shards=2, slices=2, fractions=(0.1,),
+                     subset=120, grid_limit=1, curve_epochs=1, curve_k=(1, 2), s_sweep=(1, 2), s_sweep_epochs=1,
+                     deltagrad_subset=300),
 }
 
 
@@ -363,7 +364,7 @@ def main() -> None:
     args = ap.parse_args()
     name = "smoke" if args.smoke else "quick" if args.quick else "full"
     st = SETTINGS[name]
-    device = sisa.run.pick_device(args.device)
+    device = pick_device(args.device)
     torch.manual_seed(st.seed)
     started = time.perf_counter()
     results: dict = {"environment": environment(), "mode": name, "setting": st.__dict__, "datasets": {}}

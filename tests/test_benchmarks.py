@@ -1,0 +1,35 @@
+"""The benchmark pipelines run end to end and write complete results (tiny sizes: the numbers
+themselves are checked by the benchmarks, not here)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_unlearning_benchmark_smoke(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.unlearning", "--smoke", "--results-dir", str(tmp_path),
+                           "--device", "cpu"], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads((tmp_path / "unlearning_smoke.json").read_text())
+    env = res["environment"]
+    assert env["command"].startswith("python -m benchmarks.unlearning --smoke") and env["torch"] and env["hardware"]
+    digits = res["datasets"]["digits"]
+    methods = digits["methods"]["fractions"]["0.1"]["methods"]
+    assert list(methods) == ["Retrain", "FT", "GA", "GA (dual)", "NegGrad+", "SISA"]
+    for name, row in methods.items():
+        assert {"forget_acc", "retain_acc", "test_acc", "mia_kit", "mia_efficacy", "gap_to_retrain",
+                "seconds", "speedup"} <= row.keys(), name
+        assert name in ("Retrain", "SISA") or row["grid"], "approximate methods record their tuning grid"
+    assert methods["Retrain"]["gap_to_retrain"] == 0
+    assert [p["k"] for p in digits["cost_curve"]["points"]] == [1, 2]
+    assert [p["shards"] for p in digits["accuracy_vs_shards"]["points"]] == [1, 2]
+    assert res["deltagrad"]["resnet18"]["cache_bytes"] > 1e11
+    assert {r["model"] for r in res["deltagrad"]["rows"]} == {"logreg", "mlp"}
+    md = (tmp_path / "unlearning_smoke.md").read_text()
+    assert "| SISA |" in md and "gap to Retrain" in md
+    for png in ("methods", "cost", "shards"):
+        assert (tmp_path / f"unlearning_smoke_digits_{png}.png").stat().st_size > 1000
