@@ -72,7 +72,8 @@ def load_checkpoint(path: Path, sha256: str, map_location: str | torch.device = 
         raise IntegrityError(f"checkpoint missing: {path}") from None
     actual = hashlib.sha256(data).hexdigest()
     if actual != sha256:
-        raise IntegrityError(f"checkpoint {path} is corrupt: sha256 {actual[:12]}, index says {sha256[:12]}")
+        raise IntegrityError(f"checkpoint {path} is corrupt: sha256 {actual[:12]}, index says {sha256[:12]} "
+                             "(`sisa audit --repair` rebuilds it)")
     return torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
 
 
