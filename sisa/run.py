@@ -10,6 +10,9 @@ lineage hash), and retrain from there. A forget only marks samples deleted (one 
 journaled as a request) and then completes; a crash anywhere leaves a state the next
 `complete()` finishes, because the work to do is always derived from the index, never
 remembered in memory.
+
+Shard jobs run through an executor (sisa.executors: here, on every GPU, or on Ray); wherever
+they run, only this process writes the index.
 """
 from __future__ import annotations
 
@@ -18,23 +21,25 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import time
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Iterable
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 from sqlalchemy import select, update
 
-from store.checkpoints import clean_temp, load_checkpoint, save_checkpoint
+from store.checkpoints import clean_temp
 from store.index import (ACTIVE, DELETED, DONE, PENDING, RETRAINING, Checkpoint, Index, MissingKeys, Replacement,
                          Request, RunRow, Sample, lineage_hash, utcnow)
 
 from .config import AUGMENT_DEFAULTS, RunConfig, slice_epochs
 from .data import Dataset, load_dataset
 from .errors import SisaError, UsageError
+from .executors import ShardFailure, ShardResult, ShardTask, make_executor
+from .executors import pick_device  # noqa: F401  (re-exported: callers use sisa.run.pick_device)
 from .faults import fault_point
 from .receipts import build_receipt, write_receipt
 from .partition import partition
@@ -73,18 +78,6 @@ class ForgetReport:
         d["slices_retrained"] = {str(k): v for k, v in self.slices_retrained.items()}
         d["cost_fraction"] = round(self.cost_fraction, 6)
         return d
-
-
-def pick_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UsageError(f"unknown device {name!r}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda requested but no CUDA GPU is available")
-    return device
 
 
 class Run:
@@ -225,15 +218,19 @@ class Run:
         return total
 
     # --- the one operation that writes checkpoints ------------------------------------
-    def complete(self, device: str | torch.device = "cpu", progress: Progress | None = None) -> CompleteReport:
+    def complete(self, device: str | torch.device = "cpu", progress: Progress | None = None,
+                 executor=None) -> CompleteReport:
         """Bring every live checkpoint in line with the retained data (see module docstring).
 
-        Checkpoint files are written by a background thread while the next slice trains; a
-        shard's new checkpoints go live in one transaction once all of them are durable, and
-        only then are the files they replace deleted.
+        Shard jobs run through `executor` (sisa.executors: "local", the default, "gpus", "ray",
+        or an executor object); whoever runs a job writes its checkpoint files. This process
+        alone writes the index: as each shard's result arrives, its new checkpoints go live in
+        one transaction, and only then are the files they replace deleted. A shard job that
+        fails on a remote worker fails the command once the other jobs are done; what they
+        committed stays committed, and the next `complete()` retrains only the failed shard.
         """
         start = time.perf_counter()
-        device = pick_device(str(device))
+        executor = make_executor(executor)
         ckpt_dir = self.dir / CKPT_DIR
         clean_temp(ckpt_dir)
         report = CompleteReport(full_sample_epochs=self.full_cost())
@@ -241,41 +238,60 @@ class Run:
         with self.index.transaction() as s:
             s.execute(update(Request).where(Request.status == PENDING).values(status=RETRAINING))
             in_flight = list(s.scalars(select(Request.id).where(Request.status == RETRAINING)))
+        data = None
         if jobs:
             data = self.dataset()
             self._check_data(data, jobs)
-            row_of = {sid: r for r, sid in enumerate(data.train.ids)}
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-writer") as writer:
-            for job in jobs:
-                # Rows in the index are positions at creation; map through ids in case the source
-                # (a user's manifest) has since dropped deleted rows.
-                job.slice_rows = [[row_of[x] for x in ids] for ids in job.slice_ids]
-                state = self._state_before(job.shard, job.start)
-                pending = []
-                for res in run_shard_job(self.config, job, state, data.train.images, data.train.labels,
-                                         device, progress):
-                    pending.append((res.slice, lineage_hash(res.ids), len(res.ids), res.sample_epochs,
-                                    writer.submit(self._save, res.state, res.shard, res.slice)))
-                    report.sample_epochs += res.sample_epochs
-                new_rows = [Checkpoint(shard=job.shard, slice=slc, path=f"{CKPT_DIR}/{path.name}", sha256=sha,
-                                       lineage_sha256=lineage, config_hash=self.config.config_hash,
-                                       n_samples=n, sample_epochs=work, created_at=utcnow())
-                            for slc, lineage, n, work, saved in pending for path, sha in [saved.result()]]
-                self._go_live(job, new_rows, in_flight)
-                report.shards_retrained.append(job.shard)
-                report.slices_retrained[job.shard] = list(range(job.start, self.config.slices))
+        failures: list[ShardFailure] = []
+        with closing(executor.run([self._task(job) for job in jobs], str(device), progress, data)) as outcomes:
+            for task, outcome in outcomes:
+                if isinstance(outcome, ShardFailure):
+                    failures.append(outcome)
+                    continue
+                self._go_live(task.job, self._arrived(outcome), in_flight)
+                report.sample_epochs += sum(s.sample_epochs for s in outcome.slices)
+                report.shards_retrained.append(task.job.shard)
+                report.slices_retrained[task.job.shard] = [s.slice for s in outcome.slices]
+        report.shards_retrained.sort()  # parallel executors finish in any order
+        clean_temp(ckpt_dir)  # a killed (and retried) remote attempt may have left temp files
         self._remove_orphans()
-        if jobs:
+        if report.shards_retrained:
             with self.index.transaction() as s:
                 s.execute(update(RunRow).values(generation=RunRow.generation + 1))
+        if failures:
+            raise SisaError(_failure_message(failures, report.shards_retrained))
         fault_point("retrained")
         report.seconds = time.perf_counter() - start
         return report
 
-    def _save(self, state: dict, shard: int, slice_: int) -> tuple[Path, str]:
-        saved = save_checkpoint(state, self.dir / CKPT_DIR, f"shard{shard:03d}-slice{slice_:03d}")
-        fault_point("checkpoint-saved")
-        return saved
+    def _task(self, job: ShardJob) -> ShardTask:
+        """A shard job as plain values a worker anywhere can run (paths absolute)."""
+        ck = self.index.checkpoints()[(job.shard, job.start - 1)] if job.start else None
+        recorded = {smp.id: smp.content_sha256 for smp in self.index.shard_samples(job.shard)}
+        digest = hashlib.sha256("".join(recorded[x] for ids in job.slice_ids for x in ids).encode()).hexdigest()
+        dataset = self.config.dataset
+        if dataset.endswith(".csv"):
+            dataset = str(Path(dataset).resolve())  # workers need not share this process's cwd
+        run_dir = self.dir.resolve()
+        return ShardTask(job=job, run_dir=str(run_dir), checkpoint_dir=str(run_dir / CKPT_DIR),
+                         config_json=self.config.to_json(), dataset=dataset, data_dir=self.data_dir,
+                         test_manifest=self.test_manifest, start_path=str(run_dir / ck.path) if ck else None,
+                         start_sha256=ck.sha256 if ck else None, data_sha256=digest,
+                         threads=torch.get_num_threads())
+
+    def _arrived(self, result: ShardResult) -> list[Checkpoint]:
+        """Index rows for the files a worker wrote, once this process can see every one of them."""
+        rows = []
+        for s in result.slices:
+            path = self.dir / CKPT_DIR / s.name
+            if not path.is_file() or path.stat().st_size != s.size:
+                raise SisaError(f"shard {result.shard}: worker host {result.host} wrote {CKPT_DIR}/{s.name}, but "
+                                f"{socket.gethostname()} does not see it in {self.dir.resolve()}: the run directory "
+                                "must be on a filesystem every worker mounts at the same path")
+            rows.append(Checkpoint(shard=result.shard, slice=s.slice, path=f"{CKPT_DIR}/{s.name}", sha256=s.sha256,
+                                   lineage_sha256=s.lineage_sha256, config_hash=self.config.config_hash,
+                                   n_samples=s.n_samples, sample_epochs=s.sample_epochs, created_at=utcnow()))
+        return rows
 
     def _go_live(self, job: ShardJob, new_rows: list[Checkpoint], in_flight: list[int]) -> None:
         """Swap a shard's checkpoints from slice job.start on, in one transaction; record the
@@ -293,12 +309,6 @@ class Run:
         for old in replaced.values():
             if old.path not in {c.path for c in new_rows}:
                 (self.dir / old.path).unlink(missing_ok=True)
-
-    def _state_before(self, shard: int, slice_: int) -> dict:
-        if slice_ == 0:
-            return initial_state(self.config, shard)
-        ck = self.index.checkpoints()[(shard, slice_ - 1)]
-        return load_checkpoint(self.dir / ck.path, ck.sha256)
 
     def _check_data(self, data: Dataset, jobs: list[ShardJob]) -> None:
         """Retraining must see the very data the run was created with, minus deletions."""
@@ -343,18 +353,18 @@ class Run:
 
     def forget(self, ids: Iterable[str] | None = None, owners: Iterable[str] | None = None,
                ignore_missing: bool = False, device: str | torch.device = "cpu",
-               progress: Progress | None = None, receipt_ids: bool = False) -> ForgetReport:
+               progress: Progress | None = None, receipt_ids: bool = False, executor=None) -> ForgetReport:
         """Exactly unlearn samples (by id) or every sample of some owners. Any unfinished
         earlier request is completed along the way."""
         start = time.perf_counter()
         req = self.record_request(ids, owners, ignore_missing, receipt_ids)
-        return self.resume(device, progress, start, req)
+        return self.resume(device, progress, start, req, executor)
 
     def resume(self, device: str | torch.device = "cpu", progress: Progress | None = None,
-               start: float | None = None, req: Request | None = None) -> ForgetReport:
+               start: float | None = None, req: Request | None = None, executor=None) -> ForgetReport:
         """Finish whatever an interrupted command left: stale shards, unfinished requests."""
         start = time.perf_counter() if start is None else start
-        done = self.complete(device, progress)
+        done = self.complete(device, progress, executor)
         finished = self.finish_requests()
         req = req or (finished[-1] if finished else None)
         return ForgetReport(req.id if req else 0, req.n_samples if req else 0, req.n_already_deleted if req else 0,
@@ -406,6 +416,14 @@ class Run:
         self.index.close()
 
 
+def _failure_message(failures: list[ShardFailure], committed: list[int]) -> str:
+    first, *more = sorted(failures, key=lambda f: f.shard)
+    where = f" on worker host {first.host}" if first.host != "?" else ""
+    also = f" (also failed: shards {[f.shard for f in more]})" if more else ""
+    kept = f"; shards {committed} were retrained and are live" if committed else ""
+    return f"shard {first.shard} failed{where}: {first.error}{also}{kept}; run again with --resume to finish"
+
+
 def _fit_to_data(config: RunConfig, data: Dataset) -> RunConfig:
     return replace(config, dataset=data.name, channels=data.channels, classes=len(data.class_names),
                    class_names=data.class_names)
@@ -435,21 +453,24 @@ def writer_lock(run_dir: Path | str):
 
 
 def train(run_dir: Path | str, config: RunConfig | None = None, device: str = "cpu", progress: Progress | None = None,
-          **create_kwargs) -> Run:
-    """Create a run (partition + index) and train every shard, slice by slice."""
+          executor=None, **create_kwargs) -> Run:
+    """Create a run (partition + index) and train every shard, slice by slice. `executor`:
+    "local" (default), "gpus", "ray", or an executor from sisa.executors."""
+    executor = make_executor(executor)  # fails before the run is created, not after
     run = Run.create(run_dir, config or config_for("digits"), **create_kwargs)
     with writer_lock(run.dir):
-        run.complete(device, progress)
+        run.complete(device, progress, executor)
     return run
 
 
 def forget(run_dir: Path | str, ids: Iterable[str] | None = None, owners: Iterable[str] | None = None,
            ignore_missing: bool = False, device: str = "cpu", progress: Progress | None = None,
-           receipt_ids: bool = False) -> ForgetReport:
+           receipt_ids: bool = False, executor=None) -> ForgetReport:
     """Exactly unlearn the given sample ids, or every sample of the given owners."""
+    executor = make_executor(executor)
     run = Run.open(run_dir)
     try:
         with writer_lock(run.dir):
-            return run.forget(ids, owners, ignore_missing, device, progress, receipt_ids)
+            return run.forget(ids, owners, ignore_missing, device, progress, receipt_ids, executor)
     finally:
         run.close()

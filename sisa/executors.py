@@ -1,0 +1,380 @@
+"""Where shard jobs run: in this process, on every GPU of the machine, or on a Ray cluster.
+
+SISA's shards never exchange data, so each shard job (train slices r..R-1 of shard k from the
+checkpoint of slice r-1) is an independent piece of work. A worker runs one end to end: it loads
+the data and the start state, trains, writes the checkpoint files into <run>/checkpoints itself
+(atomically, under content-addressed names) and returns only their metadata (`ShardResult`). The
+coordinating process, the only one that writes the index, puts each shard live as its result
+arrives (`Run.complete`). A retried job writes the very same files again, so retries stay exact.
+
+  LocalExecutor   one job after another in this process (the default)
+  GpuExecutor     one spawned worker process per visible CUDA GPU
+  RayExecutor     one Ray task per job, on a local Ray instance or a running cluster
+
+Workers other than the local one must see the run directory at the same path (a shared
+filesystem on a cluster); they check, and fail naming the path and their host when they cannot.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import multiprocessing
+import os
+import socket
+from collections.abc import Iterator
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, ThreadPoolExecutor, wait
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from store.checkpoints import load_checkpoint, save_checkpoint
+from store.index import lineage_hash
+
+from .config import RunConfig
+from .data import Dataset, Split, load_dataset
+from .errors import SisaError, UsageError
+from .faults import fault_point
+from .training import Progress, ShardJob, initial_state, run_shard_job
+
+EXECUTORS = ("local", "gpus", "ray")
+
+
+@dataclass
+class ShardTask:
+    """Everything a worker needs, in plain values: no index, no open files."""
+
+    job: ShardJob  # slice_ids in training order; a worker maps them to rows of its own data
+    run_dir: str  # absolute, and the same path on every worker
+    checkpoint_dir: str  # absolute: where the worker writes
+    config_json: str
+    dataset: str  # a built-in's name or a manifest's absolute path
+    data_dir: str | None
+    test_manifest: str | None
+    start_path: str | None  # checkpoint of slice job.start-1 (absolute); None: initial weights
+    start_sha256: str | None
+    data_sha256: str  # over the index's content hashes of the retained samples, in training order
+    threads: int  # torch intra-op threads: on CPU the bits of the result depend on their number
+    device: str = "cpu"
+
+
+@dataclass
+class SavedSlice:
+    slice: int
+    name: str  # file name in <run>/checkpoints
+    sha256: str
+    size: int
+    lineage_sha256: str
+    n_samples: int
+    sample_epochs: int
+
+
+@dataclass
+class ShardResult:
+    shard: int
+    host: str
+    slices: list[SavedSlice]
+
+
+@dataclass
+class ShardFailure:
+    shard: int
+    host: str
+    error: str  # one line
+
+
+Outcome = ShardResult | ShardFailure
+
+
+# --- the worker side ------------------------------------------------------------------------
+@dataclass
+class _Data:
+    dataset: Dataset
+    row_of: dict[str, int]
+
+
+def _index_data(dataset: Dataset) -> _Data:
+    return _Data(dataset, {sid: r for r, sid in enumerate(dataset.train.ids)})
+
+
+@functools.lru_cache(maxsize=1)  # a worker process keeps the last data set it loaded
+def _worker_data(name: str, data_dir: str | None, test_manifest: str | None) -> _Data:
+    return _index_data(load_dataset(name, data_dir or "data", test_manifest=test_manifest))
+
+
+def run_task(task: ShardTask, progress: Progress | None = None, data: _Data | None = None) -> ShardResult:
+    """Run one shard job end to end and return what it wrote. `data` is the coordinator's own
+    copy when the job runs in its process (already checked against the index); a worker loads
+    and checks its own.
+
+    Checkpoints are written by a background thread while the next slice trains."""
+    host = socket.gethostname()
+    ckpt_dir = Path(task.checkpoint_dir)
+    if not ckpt_dir.is_dir():
+        raise SisaError(f"run directory {task.run_dir} is not visible on worker host {host}: it must be on "
+                        "a filesystem every worker mounts at the same path")
+    if data is None:
+        data = _worker_data(task.dataset, task.data_dir, task.test_manifest)
+        _check_worker_data(task, data, host)
+    # Rows in the index are positions at creation; map through ids in case the source (a user's
+    # manifest) has since dropped deleted rows.
+    job = replace(task.job, slice_rows=[[data.row_of[x] for x in ids] for ids in task.job.slice_ids])
+    cfg = RunConfig.from_json(task.config_json)
+    if task.start_path is None:
+        state = initial_state(cfg, job.shard)
+    else:
+        state = load_checkpoint(task.start_path, task.start_sha256)
+    train = data.dataset.train
+    saved = []
+    threads = torch.get_num_threads()
+    if threads != task.threads:  # on CPU the bits depend on the thread count: use the coordinator's
+        torch.set_num_threads(task.threads)
+    try:
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-writer") as writer:
+            for res in run_shard_job(cfg, job, state, train.images, train.labels, task.device, progress):
+                saved.append((res.slice, lineage_hash(res.ids), len(res.ids), res.sample_epochs,
+                              writer.submit(_save, res.state, ckpt_dir, res.shard, res.slice)))
+            slices = [SavedSlice(slc, path.name, sha, size, lineage, n, work)
+                      for slc, lineage, n, work, done in saved for path, sha, size in [done.result()]]
+    finally:
+        torch.set_num_threads(threads)
+    return ShardResult(job.shard, host, slices)
+
+
+def _save(state: dict, folder: Path, shard: int, slice_: int) -> tuple[Path, str, int]:
+    path, sha = save_checkpoint(state, folder, f"shard{shard:03d}-slice{slice_:03d}")
+    fault_point("checkpoint-saved")
+    return path, sha, path.stat().st_size
+
+
+def _check_worker_data(task: ShardTask, data: _Data, host: str) -> None:
+    """A worker must train on the very samples the index recorded: same ids, same content."""
+    ids = [x for s in task.job.slice_ids for x in s]
+    absent = [x for x in ids if x not in data.row_of]
+    if absent:
+        raise SisaError(f"{len(absent)} retained samples, e.g. {absent[0]!r}, are missing from "
+                        f"{task.dataset} on worker host {host}")
+    rows = torch.tensor([data.row_of[x] for x in ids], dtype=torch.long)
+    train = data.dataset.train
+    hashes = Split(ids, train.images[rows], train.labels[rows], [None] * len(ids)).sample_hashes()
+    if hashlib.sha256("".join(hashes).encode()).hexdigest() != task.data_sha256:
+        raise SisaError(f"{task.dataset} on worker host {host} differs from the data the run was created "
+                        "with: retraining on other data would not be exact")
+
+
+def _guarded(task: ShardTask, progress: Progress | None) -> Outcome:
+    """run_task in a worker process: a failure comes back as a value naming shard and host."""
+    try:
+        return run_task(task, progress)
+    except Exception as e:  # noqa: BLE001: anything a job raises fails that shard, not the others
+        text = str(e).splitlines()[0] if str(e) else ""
+        what = text if isinstance(e, SisaError) else f"{type(e).__name__}: {text}"
+        return ShardFailure(task.job.shard, socket.gethostname(), what)
+
+
+# --- executors ------------------------------------------------------------------------------
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"unknown device {name!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda requested but no CUDA GPU is available")
+    return device
+
+
+class LocalExecutor:
+    """Shard jobs one after another in this process, on `device`."""
+
+    def run(self, tasks: list[ShardTask], device: str, progress: Progress | None = None,
+            data: Dataset | None = None) -> Iterator[tuple[ShardTask, Outcome]]:
+        dev = str(pick_device(device))  # checked now, before the first job starts
+        return self._run(tasks, dev, progress, data)
+
+    def _run(self, tasks, device, progress, data):
+        indexed = _index_data(data) if tasks else None
+        for task in tasks:
+            # A failure propagates unchanged: the shards before it are already live.
+            yield task, run_task(replace(task, device=device), progress, indexed)
+
+
+class GpuExecutor:
+    """One worker process per visible CUDA GPU, started with `spawn` (a forked process cannot
+    use CUDA once the parent has touched it); each takes the next job when it is free."""
+
+    def __init__(self):
+        self.gpus = torch.cuda.device_count()
+        if self.gpus == 0:
+            seen = os.environ.get("CUDA_VISIBLE_DEVICES")
+            raise UsageError("--executor gpus needs CUDA GPUs, but torch sees none"
+                             + (f" (CUDA_VISIBLE_DEVICES={seen!r})" if seen is not None else "")
+                             + "; use --executor local")
+
+    def run(self, tasks, device, progress=None, data=None):
+        if device not in ("auto", "cuda"):
+            raise UsageError(f"--executor gpus trains on every GPU; it cannot use --device {device}")
+        return self._run(tasks, progress)
+
+    def _run(self, tasks, progress):
+        if not tasks:
+            return
+        ctx = multiprocessing.get_context("spawn")
+        gpu_ids, events = ctx.Queue(), ctx.Queue()
+        workers = min(self.gpus, len(tasks))
+        for g in range(workers):
+            gpu_ids.put(g)
+        with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_gpu_worker_init,
+                                 initargs=(gpu_ids, events)) as pool:
+            futures = {pool.submit(_gpu_job, task): task for task in tasks}
+            pending = set(futures)
+            while pending:
+                done, pending = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
+                _drain_queue(events, progress)
+                for f in done:
+                    task = futures[f]
+                    try:
+                        outcome = f.result()
+                    except Exception as e:  # noqa: BLE001: the worker process died (BrokenProcessPool)
+                        outcome = ShardFailure(task.job.shard, socket.gethostname(), f"{type(e).__name__}: {e}")
+                    yield task, outcome
+
+
+_gpu: int | None = None
+_events = None
+
+
+def _gpu_worker_init(gpu_ids, events) -> None:
+    global _gpu, _events
+    _gpu, _events = gpu_ids.get(), events
+    torch.cuda.set_device(_gpu)
+
+
+def _gpu_job(task: ShardTask) -> Outcome:
+    return _guarded(replace(task, device=f"cuda:{_gpu}"), lambda *p: _events.put(p))
+
+
+def _drain_queue(events, progress: Progress | None) -> None:
+    import queue
+
+    while True:
+        try:
+            p = events.get_nowait()
+        except queue.Empty:
+            return
+        if progress:
+            progress(*p)
+
+
+class RayExecutor:
+    """One Ray task per shard job. `address` joins a running cluster ("auto", "ray://host:10001",
+    "host:6379"); without it, a Ray instance already started in this process is used, else Ray's
+    own rule applies (RAY_ADDRESS, then a cluster `ray start` began on this machine, else a new
+    local instance for the duration of the run). `gpus_per_task` may be fractional (0.2: five
+    jobs share a GPU); by default 1 when the cluster has GPUs and the device is not cpu, else 0.
+    A CPU job reserves as many CPUs as it uses threads (this process's torch thread count, which
+    the bits depend on). A task whose worker dies is retried up to `max_retries` times; a job
+    that raises is not (it would raise again)."""
+
+    def __init__(self, address: str | None = None, gpus_per_task: float | None = None, max_retries: int = 3):
+        try:
+            import ray  # noqa: F401
+        except ImportError:
+            raise UsageError("--executor ray needs Ray: pip install \"sisa[ray]\" (or pip install ray)") from None
+        if gpus_per_task is not None and gpus_per_task < 0:
+            raise UsageError(f"--gpus-per-task must be >= 0, got {gpus_per_task}")
+        self.address, self.gpus_per_task, self.max_retries = address, gpus_per_task, max_retries
+
+    def run(self, tasks, device, progress=None, data=None):
+        return self._run(tasks, device, progress)
+
+    def _run(self, tasks, device, progress):
+        import ray
+
+        if not tasks:
+            return
+        started = not ray.is_initialized()
+        if started:
+            ray.init(address=self.address, include_dashboard=False, logging_level=logging.ERROR,
+                     log_to_driver=False)
+        try:
+            gpus = self.gpus_per_task
+            if gpus is None:
+                gpus = 1 if device != "cpu" and ray.cluster_resources().get("GPU", 0) > 0 else 0
+            if device == "auto":
+                device = "cuda" if gpus > 0 else "cpu"  # Ray shows a task only the GPUs it was given
+            elif device.startswith("cuda") and gpus == 0:
+                raise UsageError("--device cuda with --executor ray needs --gpus-per-task > 0")
+            cpus = 1
+            if device == "cpu":  # never more than the largest node has, or the job could not start
+                largest = max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]), default=1)
+                cpus = max(1, min(tasks[0].threads, int(largest)))
+            board = ray.remote(_ProgressBoard).options(num_cpus=0).remote() if progress else None
+            job = ray.remote(_ray_job).options(num_cpus=cpus, num_gpus=gpus, max_retries=self.max_retries,
+                                               retry_exceptions=False)
+            refs = {job.remote(replace(t, device=device), board): t for t in tasks}
+            while refs:
+                done, _ = ray.wait(list(refs), num_returns=1, timeout=0.25)
+                if board is not None:
+                    for p in ray.get(board.drain.remote()):
+                        progress(*p)
+                for ref in done:
+                    task = refs.pop(ref)
+                    try:
+                        outcome = ray.get(ref)
+                    except ray.exceptions.RayError as e:  # the worker died more often than retried
+                        outcome = ShardFailure(task.job.shard, "?", f"{type(e).__name__}: {str(e).splitlines()[0]}")
+                    yield task, outcome
+        finally:
+            if started:
+                ray.shutdown()
+
+
+class _ProgressBoard:
+    """A Ray actor that collects (shard, slice, done, total) from remote jobs for the CLI."""
+
+    def __init__(self):
+        self.events: list[tuple] = []
+
+    def report(self, *p) -> None:
+        self.events.append(p)
+
+    def drain(self) -> list[tuple]:
+        events, self.events = self.events, []
+        return events
+
+
+def _ray_job(task: ShardTask, board) -> Outcome:
+    if board is None:
+        return _guarded(task, None)
+    import ray
+
+    # Reports are fire and forget, so training never waits on the board. Ray runs one caller's
+    # calls in order: waiting for the last one before returning means the coordinator, which
+    # drains the board after each finished job, then holds every report of this job.
+    last = None
+
+    def report(*p):
+        nonlocal last
+        last = board.report.remote(*p)
+
+    outcome = _guarded(task, report)
+    if last is not None:
+        ray.get(last)
+    return outcome
+
+
+def make_executor(executor: "str | LocalExecutor | GpuExecutor | RayExecutor | None" = None,
+                  ray_address: str | None = None, gpus_per_task: float | None = None):
+    """An executor by name (local, gpus, ray), or the one given."""
+    if executor is None or executor == "local":
+        return LocalExecutor()
+    if executor == "gpus":
+        return GpuExecutor()
+    if executor == "ray":
+        return RayExecutor(ray_address, gpus_per_task)
+    if isinstance(executor, str):
+        raise UsageError(f"unknown executor {executor!r}: use one of {', '.join(EXECUTORS)}")
+    return executor
