@@ -25,6 +25,12 @@ out = Console()
 RunDir = Annotated[Path, typer.Option("--run-dir", help="The run directory (index and checkpoints).")]
 JsonOut = Annotated[bool, typer.Option("--json", help="Print a JSON result on stdout.")]
 Device = Annotated[str, typer.Option(help="Where to train: auto (a CUDA GPU if present), cpu, cuda, cuda:N.")]
+ExecutorName = Annotated[str, typer.Option("--executor", help="Where shard jobs run: local (one after another, in this "
+                                           "process), gpus (a worker process per visible GPU), ray (Ray tasks; needs the ray extra).")]
+RayAddress = Annotated[Optional[str], typer.Option("--ray-address", help="With --executor ray: join this running cluster "
+                                                   "(auto, HOST:6379, ray://HOST:10001) instead of starting a local one.")]
+GpusPerTask = Annotated[Optional[float], typer.Option("--gpus-per-task", help="With --executor ray: GPUs per shard job, "
+                                                      "fractional allowed (0.2: five jobs per GPU); by default 1 if the cluster has GPUs, else 0.")]
 
 
 def handles_errors(fn):
@@ -69,6 +75,16 @@ class ShardProgress:
         self.bars.__exit__(*exc)
 
 
+def executor_for(name: str, ray_address: str | None, gpus_per_task: float | None):
+    """Built before anything is written, so a missing Ray or GPU changes nothing."""
+    from sisa.errors import UsageError
+    from sisa.executors import make_executor
+
+    if name != "ray" and (ray_address is not None or gpus_per_task is not None):
+        raise UsageError("--ray-address and --gpus-per-task apply only to --executor ray")
+    return make_executor(name, ray_address, gpus_per_task)
+
+
 def emit(as_json: bool, payload: dict, human: str | Table) -> None:
     if as_json:
         sys.stdout.write(json.dumps(payload, indent=2) + "\n")
@@ -95,12 +111,16 @@ def train(
     overwrite: Annotated[bool, typer.Option(help="Replace an existing run directory.")] = False,
     resume: Annotated[bool, typer.Option(help="Finish training an existing run that was interrupted.")] = False,
     device: Device = "auto",
+    executor: ExecutorName = "local",
+    ray_address: RayAddress = None,
+    gpus_per_task: GpusPerTask = None,
     as_json: JsonOut = False,
 ):
     """Partition the data into shards and slices, then train every shard's ResNet-18 slice by slice."""
     import sisa
     from sisa.run import writer_lock
 
+    runner = executor_for(executor, ray_address, gpus_per_task)
     if resume:
         run = sisa.Run.open(run_dir)
     else:
@@ -109,7 +129,7 @@ def train(
         run = sisa.Run.create(run_dir, cfg, data_dir=data_dir, download=download,
                               test_manifest=test_manifest, overwrite=overwrite)
     with writer_lock(run.dir), ShardProgress(sisa.slice_epochs(run.config.slices, run.config.epochs)) as bars:
-        report = run.resume(device, bars)
+        report = run.resume(device, bars, executor=runner)
     payload = {"run_dir": str(run.dir), "shards_trained": report.shards_retrained,
                "sample_epochs": report.sample_epochs, "seconds": round(report.seconds, 3)}
     emit(as_json, payload, f"trained {len(report.shards_retrained)} shards x {run.config.slices} slices "
@@ -125,6 +145,9 @@ def forget(
     receipt_ids: Annotated[bool, typer.Option(help="Put the raw ids in the receipt (default: only their sha256).")] = False,
     run_dir: RunDir = Path("sisa-run"),
     device: Device = "auto",
+    executor: ExecutorName = "local",
+    ray_address: RayAddress = None,
+    gpus_per_task: GpusPerTask = None,
     as_json: JsonOut = False,
 ):
     """Exactly unlearn samples: retrain each affected shard from its earliest affected slice.
@@ -137,15 +160,16 @@ def forget(
 
     if (ids is None) == (not resume):
         raise sisa.UsageError("pass --ids FILE.csv, or --resume to finish an interrupted forget")
+    runner = executor_for(executor, ray_address, gpus_per_task)
     run = sisa.Run.open(run_dir)
     with writer_lock(run.dir), ShardProgress(sisa.slice_epochs(run.config.slices, run.config.epochs)) as bars:
         if resume:
-            report = run.resume(device, bars)
+            report = run.resume(device, bars, executor=runner)
         else:
             with open_request_file(ids) as (column, keys):
                 req = run.record_request(keys if column == "id" else None, keys if column == "owner" else None,
                                          ignore_missing, receipt_ids)
-            report = run.resume(device, bars, req=req)
+            report = run.resume(device, bars, req=req, executor=runner)
     d = report.to_dict()
     slices = sum(len(v) for v in report.slices_retrained.values())
     human = (f"forgot {report.samples_removed} samples"
