@@ -1,0 +1,185 @@
+"""Executors (sisa/executors.py). Shard jobs run as tasks on a real local Ray instance (2 CPUs)
+give bitwise the checkpoints of the sequential executor, for training and for a forget; a Ray
+worker SIGKILLed mid-job is retried and the result is still exact; a shard job that raises fails
+the command with one line, keeps the other shard's committed work, and `--resume` finishes it.
+The gpus executor needs a GPU: without one it must say so and change nothing."""
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import replace
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import sisa
+from cli import app
+from sisa.audit import audit
+from sisa.errors import UsageError
+from sisa.executors import RayExecutor, ShardFailure, make_executor
+from sisa.training import ShardJob
+from store.index import Index
+
+from .conftest import file_hashes, small_config
+from .test_cli import assert_clean_error
+
+needs_ray = pytest.mark.skipif(importlib.util.find_spec("ray") is None,
+                               reason="Ray is not installed (pip install -e '.[test,ray]'; CI installs it)")
+
+
+def request_ids(run_dir):
+    """Two ids hitting shard 0 from slice 1 and shard 2 from slice 0: two concurrent jobs."""
+    index = Index(run_dir / "index.sqlite")
+    try:
+        pick = {(0, 1, 2), (2, 0, 4)}
+        return [s.id for k in (0, 2) for s in index.shard_samples(k) if (s.shard, s.slice, s.position) in pick]
+    finally:
+        index.close()
+
+
+def cli(args, run_dir, env=None):
+    environ = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # a fresh local Ray, not a cluster
+    return subprocess.run([sys.executable, "-m", "cli", *args, "--run-dir", str(run_dir), "--device", "cpu"],
+                          env={**environ, **(env or {})}, capture_output=True, text=True, timeout=300)
+
+
+def invoke(*args):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def stale_shards(run_dir):
+    run = sisa.Run.open(run_dir)
+    try:
+        return sorted(j.shard for j in run.shard_jobs())
+    finally:
+        run.close()
+
+
+def assert_audit_ok(run_dir):
+    run = sisa.Run.open(run_dir)
+    try:
+        result = audit(run)
+        assert result.ok, result.failures
+    finally:
+        run.close()
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, trained_template):
+    """The forget of `request_ids` done by the sequential executor: live checkpoint hashes."""
+    run_dir = tmp_path_factory.mktemp("reference") / "run"
+    shutil.copytree(trained_template, run_dir)
+    sisa.forget(run_dir, ids=request_ids(run_dir))
+    return file_hashes(run_dir)
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+# --- without Ray or a GPU -------------------------------------------------------------------
+def test_ray_executor_without_ray_gives_an_install_hint(monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError, as when not installed
+    with pytest.raises(UsageError, match=r'pip install "sisa\[ray\]"'):
+        make_executor("ray")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA GPU is visible")
+def test_gpus_executor_without_a_gpu_fails_clearly_and_creates_nothing(tmp_path, digits_manifest):
+    run_dir = tmp_path / "run"
+    result = invoke("train", "--dataset", digits_manifest[0], "--executor", "gpus", "--run-dir", run_dir)
+    assert_clean_error(result, 2, "--executor gpus needs CUDA GPUs, but torch sees none")
+    assert not run_dir.exists()
+
+
+def test_executor_options_are_checked(tmp_path):
+    assert_clean_error(invoke("train", "--executor", "cluster", "--run-dir", tmp_path / "run"), 2,
+                       "unknown executor 'cluster'")
+    assert_clean_error(invoke("train", "--gpus-per-task", "0.5", "--run-dir", tmp_path / "run"), 2,
+                       "--ray-address and --gpus-per-task apply only to --executor ray")
+    assert not (tmp_path / "run").exists()
+
+
+# --- Ray, in this process -------------------------------------------------------------------
+@needs_ray
+def test_ray_train_equals_sequential_and_reports_progress(tmp_path, digits_manifest, trained_template, ray_local):
+    train_csv, test_csv = digits_manifest
+    events = []
+    run = sisa.train(tmp_path / "run", small_config(train_csv), test_manifest=test_csv, executor="ray",
+                     progress=lambda *p: events.append(p))
+    run.close()
+    assert file_hashes(tmp_path / "run") == file_hashes(trained_template)
+    # Per-shard progress came back from the remote jobs: every shard reached its last epoch.
+    cfg = small_config(train_csv)
+    last = sisa.slice_epochs(cfg.slices, cfg.epochs)[-1]
+    assert {(s, i, d) for s, i, d, _ in events} >= {(s, cfg.slices - 1, last) for s in range(cfg.shards)}
+
+
+@needs_ray
+def test_ray_forget_equals_sequential(trained_run, reference, ray_local):
+    report = sisa.forget(trained_run, ids=request_ids(trained_run), executor=RayExecutor())
+    assert report.shards_retrained == [0, 2] and report.slices_retrained == {0: [1, 2], 2: [0, 1, 2]}
+    assert file_hashes(trained_run) == reference
+    assert_audit_ok(trained_run)
+
+
+@needs_ray
+def test_a_worker_that_cannot_see_the_run_directory_fails_naming_path_and_host(trained_run, tmp_path, ray_local):
+    run = sisa.Run.open(trained_run)
+    try:
+        task = run._task(ShardJob(0, 0, *run.retained(0)))  # retrain shard 0 from scratch
+    finally:
+        run.close()
+    missing = tmp_path / "not-shared" / "run"
+    task = replace(task, run_dir=str(missing), checkpoint_dir=str(missing / "checkpoints"))
+    [(_, outcome)] = list(RayExecutor().run([task], "cpu"))
+    assert isinstance(outcome, ShardFailure)
+    assert f"run directory {missing} is not visible on worker host {outcome.host}" in outcome.error
+    assert "filesystem every worker mounts at the same path" in outcome.error
+
+
+# --- Ray, through the command line (a local Ray instance per command, inheriting its faults) --
+@needs_ray
+def test_a_killed_ray_worker_is_retried_and_the_forget_stays_exact(trained_run, tmp_path, reference):
+    req = tmp_path / "req.csv"
+    req.write_text("id\n" + "\n".join(request_ids(trained_run)) + "\n")
+    marker = tmp_path / "killed-once"
+    result = cli(["forget", "--ids", str(req), "--executor", "ray", "--json"], trained_run,
+                 {"SISA_FAULT": "epoch", "SISA_FAULT_ONCE": str(marker)})
+    assert result.returncode == 0, result.stderr
+    assert marker.exists()  # a worker really was SIGKILLed mid-job
+    assert file_hashes(trained_run) == reference
+    assert not list((trained_run / "checkpoints").glob(".*.tmp"))
+    assert_audit_ok(trained_run)
+
+
+@needs_ray
+def test_a_failing_shard_job_fails_clearly_keeps_the_other_shard_and_resumes(trained_run, tmp_path, reference):
+    req = tmp_path / "req.csv"
+    req.write_text("id\n" + "\n".join(request_ids(trained_run)) + "\n")
+    failed = cli(["forget", "--ids", str(req), "--executor", "ray"], trained_run,
+                 {"SISA_FAULT": "epoch", "SISA_FAULT_ACTION": "raise", "SISA_FAULT_ONCE": str(tmp_path / "raised")})
+    assert failed.returncode == 1, failed.stderr
+    [error] = [line for line in failed.stderr.splitlines() if "error" in line.lower()]  # beside progress bars
+    assert error.startswith("error: ") and "Traceback" not in failed.stderr, failed.stderr
+    assert "failed on worker host" in error and "InjectedFault: injected fault at epoch" in error
+    assert "run again with --resume" in error
+    # One of the two jobs raised; the other shard's new checkpoints are live and exact.
+    [bad] = stale_shards(trained_run)
+    good = 2 if bad == 0 else 0
+    assert f"shard {bad} failed" in error and f"shards [{good}] were retrained and are live" in error
+    hashes = file_hashes(trained_run)
+    assert {k: v for k, v in hashes.items() if k[0] == good} == {k: v for k, v in reference.items() if k[0] == good}
+
+    resumed = cli(["forget", "--resume", "--json"], trained_run)
+    assert resumed.returncode == 0, resumed.stderr
+    assert file_hashes(trained_run) == reference
+    assert_audit_ok(trained_run)
