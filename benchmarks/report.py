@@ -62,7 +62,7 @@ def render(results: dict, out: str, folder=RESULTS) -> str:
         if "skipped" in dg:
             lines.append(f"MNIST runs skipped: {dg['skipped']}")
         else:
-            keys = [k for k in dg["rows"][0] if k not in ("model", "fraction") and not isinstance(dg["rows"][0][k], (dict, list))]
+            keys = [k for k in dg["rows"][0] if k not in ("model", "fraction", "detail")]
             lines += [f"Training subset: {dg['subset']} samples.", "",
                       "| model | forget | " + " | ".join(keys) + " |", "|---" * (len(keys) + 2) + "|"]
             lines += [f"| {r['model']} | {r['fraction']:.0%} | " + " | ".join(_fmt(r[k]) for k in keys) + " |"
