@@ -203,15 +203,19 @@ class LocalExecutor:
 
 class GpuExecutor:
     """One worker process per visible CUDA GPU, started with `spawn` (a forked process cannot
-    use CUDA once the parent has touched it); each takes the next job when it is free."""
+    use CUDA once the parent has touched it); each takes the next job when it is free.
+    `devices` names other devices to run the same worker processes on (["cpu"]: how the tests
+    exercise this executor on a machine without a GPU)."""
 
-    def __init__(self):
-        self.gpus = torch.cuda.device_count()
-        if self.gpus == 0:
-            seen = os.environ.get("CUDA_VISIBLE_DEVICES")
-            raise UsageError("--executor gpus needs CUDA GPUs, but torch sees none"
-                             + (f" (CUDA_VISIBLE_DEVICES={seen!r})" if seen is not None else "")
-                             + "; use --executor local")
+    def __init__(self, devices: list[str] | None = None):
+        if devices is None:
+            if torch.cuda.device_count() == 0:
+                seen = os.environ.get("CUDA_VISIBLE_DEVICES")
+                raise UsageError("--executor gpus needs CUDA GPUs, but torch sees none"
+                                 + (f" (CUDA_VISIBLE_DEVICES={seen!r})" if seen is not None else "")
+                                 + "; use --executor local")
+            devices = [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+        self.devices = devices
 
     def run(self, tasks, device, progress=None, data=None):
         if device not in ("auto", "cuda"):
@@ -222,13 +226,13 @@ class GpuExecutor:
         if not tasks:
             return
         ctx = multiprocessing.get_context("spawn")
-        gpu_ids, events = ctx.Queue(), ctx.Queue()
-        workers = min(self.gpus, len(tasks))
-        for g in range(workers):
-            gpu_ids.put(g)
-        with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_gpu_worker_init,
-                                 initargs=(gpu_ids, events)) as pool:
-            futures = {pool.submit(_gpu_job, task): task for task in tasks}
+        devices, events = ctx.Queue(), ctx.Queue()
+        workers = min(len(self.devices), len(tasks))
+        for d in self.devices[:workers]:
+            devices.put(d)
+        with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_device_worker_init,
+                                 initargs=(devices, events)) as pool:
+            futures = {pool.submit(_device_job, task): task for task in tasks}
             pending = set(futures)
             while pending:
                 done, pending = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
@@ -240,20 +244,22 @@ class GpuExecutor:
                     except Exception as e:  # noqa: BLE001: the worker process died (BrokenProcessPool)
                         outcome = ShardFailure(task.job.shard, socket.gethostname(), f"{type(e).__name__}: {e}")
                     yield task, outcome
+        _drain_queue(events, progress)  # workers flush what they put before they exit
 
 
-_gpu: int | None = None
-_events = None
+_device: str | None = None  # the device of this worker process
+_events = None  # its queue of progress reports to the coordinator
 
 
-def _gpu_worker_init(gpu_ids, events) -> None:
-    global _gpu, _events
-    _gpu, _events = gpu_ids.get(), events
-    torch.cuda.set_device(_gpu)
+def _device_worker_init(devices, events) -> None:
+    global _device, _events
+    _device, _events = devices.get(), events
+    if _device.startswith("cuda"):
+        torch.cuda.set_device(_device)
 
 
-def _gpu_job(task: ShardTask) -> Outcome:
-    return _guarded(replace(task, device=f"cuda:{_gpu}"), lambda *p: _events.put(p))
+def _device_job(task: ShardTask) -> Outcome:
+    return _guarded(replace(task, device=_device), lambda *p: _events.put(p))
 
 
 def _drain_queue(events, progress: Progress | None) -> None:

@@ -2,7 +2,8 @@
 give bitwise the checkpoints of the sequential executor, for training and for a forget; a Ray
 worker SIGKILLed mid-job is retried and the result is still exact; a shard job that raises fails
 the command with one line, keeps the other shard's committed work, and `--resume` finishes it.
-The gpus executor needs a GPU: without one it must say so and change nothing."""
+The gpus executor needs a GPU: without one it must say so and change nothing; its worker
+processes are tested on the CPU."""
 from __future__ import annotations
 
 import importlib.util
@@ -20,7 +21,7 @@ import sisa
 from cli import app
 from sisa.audit import audit
 from sisa.errors import UsageError
-from sisa.executors import RayExecutor, ShardFailure, make_executor
+from sisa.executors import GpuExecutor, RayExecutor, ShardFailure, make_executor
 from sisa.training import ShardJob
 from store.index import Index
 
@@ -98,6 +99,16 @@ def test_gpus_executor_without_a_gpu_fails_clearly_and_creates_nothing(tmp_path,
     result = invoke("train", "--dataset", digits_manifest[0], "--executor", "gpus", "--run-dir", run_dir)
     assert_clean_error(result, 2, "--executor gpus needs CUDA GPUs, but torch sees none")
     assert not run_dir.exists()
+
+
+def test_worker_processes_of_the_gpus_executor_forget_exactly(trained_run, reference):
+    """The gpus executor's spawned worker process, progress queue and results, on the CPU."""
+    events = []
+    report = sisa.forget(trained_run, ids=request_ids(trained_run), device="auto",
+                         executor=GpuExecutor(devices=["cpu"]), progress=lambda *p: events.append(p))
+    assert report.shards_retrained == [0, 2]
+    assert file_hashes(trained_run) == reference
+    assert {(s, i) for s, i, _, _ in events} == {(0, 1), (0, 2), (2, 0), (2, 1), (2, 2)}
 
 
 def test_executor_options_are_checked(tmp_path):
