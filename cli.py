@@ -89,7 +89,7 @@ def emit(as_json: bool, payload: dict, human: str | Table) -> None:
     if as_json:
         sys.stdout.write(json.dumps(payload, indent=2) + "\n")
     else:
-        out.print(human, highlight=False)
+        out.print(human, highlight=False, soft_wrap=True)  # lines stay whole when piped
 
 
 @app.command()
@@ -287,11 +287,10 @@ def receipts(run_dir: RunDir = Path("sisa-run"), as_json: JsonOut = False):
                      "finished_at": req.finished_at.isoformat() + "Z" if req.finished_at else None,
                      "receipt": str(path) if path else None, "receipt_sha256": req.receipt_sha256,
                      "intact": path is not None and verify_receipt(path, req.receipt_sha256) is None})
-    table = Table("request", "status", "deleted", "finished", "receipt", "sha256", "intact")
-    for r in rows:
-        table.add_row(str(r["request_id"]), r["status"], str(r["samples_deleted"]), r["finished_at"] or "-",
-                      r["receipt"] or "-", (r["receipt_sha256"] or "-")[:16], "yes" if r["intact"] else "NO")
-    emit(as_json, {"receipts": rows}, table)
+    lines = [f"request {r['request_id']}: {r['status']}, {r['samples_deleted']} deleted, finished "
+             f"{r['finished_at'] or '-'}, {r['receipt'] or 'no receipt'} (sha256 {(r['receipt_sha256'] or '-')[:16]}, "
+             + ("intact)" if r["intact"] else "NOT INTACT)") for r in rows]
+    emit(as_json, {"receipts": rows}, "\n".join(lines) or "no requests")
 
 
 @app.command()
