@@ -11,8 +11,11 @@ arrives (`Run.complete`). A retried job writes the very same files again, so ret
   GpuExecutor     one spawned worker process per visible CUDA GPU
   RayExecutor     one Ray task per job, on a local Ray instance or a running cluster
 
-Workers other than the local one must see the run directory at the same path (a shared
-filesystem on a cluster); they check, and fail naming the path and their host when they cannot.
+Each has `run(tasks, device, progress, data)`, which yields (task, ShardResult | ShardFailure)
+as jobs finish. Workers other than the local one load the data themselves and check it against
+the index's content hashes; they must see the run directory at the same path (a shared
+filesystem on a cluster), and fail naming the path and their host when they cannot. On CPU the
+bits of a trained model depend on torch's thread count, so every worker uses the coordinator's.
 """
 from __future__ import annotations
 
