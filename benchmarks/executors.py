@@ -127,11 +127,15 @@ def main() -> None:
     except ImportError:
         raise SystemExit("needs Ray: pip install -e \".[ray]\"") from None
 
+    load_before = os.getloadavg()[0]  # other work on the machine skews every time below
     with tempfile.TemporaryDirectory() as tmp:
         cpu = cpu_part(args, Path(tmp))
         gpu = gpu_part(Path(tmp))
-    payload = {"environment": environment(), "ray": ray.__version__, "cpu": cpu, "gpu": gpu}
+    load = [round(load_before, 2), round(os.getloadavg()[0], 2)]
+    payload = {"environment": environment(), "ray": ray.__version__, "load_average_1min": load, "cpu": cpu, "gpu": gpu}
     b, r = cpu["best"], cpu["ray_over_local"]
+    busy = (" (above its core count: other work was running, times are inflated, the best run is the "
+            "least affected)" if max(load) > (os.cpu_count() or 1) else "")
     gpu_md = ("| executor | train wall s | speed-up |\n|---|---|---|\n" + "\n".join(
         f"| {k} | {v:.1f} | {gpu['speedup_over_local'][k]:.2f}x |" for k, v in gpu["train_wall_s"].items())
         if gpu["measured"] else f"Not measured: {gpu['reason']}.")
@@ -154,7 +158,8 @@ On CPU the bits depend on torch's thread count, so a Ray task trains with the co
 ({payload['environment']['torch_threads']} here) and reserves as many CPUs: on a machine with that many cores Ray runs one
 shard at a time, like the sequential executor, and the ratio is Ray's own cost. Starting a local
 Ray instance and running one trivial task takes {cpu['ray_start_s']:.1f} s here; the rest is
-starting worker processes that import torch and load the data, and scheduling.
+starting worker processes that import torch and load the data, and scheduling. The machine's
+1-minute load average was {load[0]} before and {load[1]} after{busy}.
 
 ## GPU: `sisa train --shards 5` with shards trained concurrently
 
