@@ -7,12 +7,11 @@ import os
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 import sisa
+from sisa.audit import state_equal  # noqa: F401  (the tests' bitwise comparison)
 from sisa.data import load_digits
 
 N_TRAIN, N_TEST, N_OWNERS = 240, 60, 40
@@ -81,14 +80,3 @@ def file_hashes(run_dir: Path) -> dict[tuple[int, int], str]:
         return {key: file_sha256(run_dir / c.path) for key, c in index.checkpoints().items()}
     finally:
         index.close()
-
-
-def state_equal(a: dict, b: dict) -> bool:
-    """Bitwise equality of two nested state dicts (model and optimiser)."""
-    if isinstance(a, torch.Tensor):
-        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
-    if isinstance(a, dict):
-        return isinstance(b, dict) and a.keys() == b.keys() and all(state_equal(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)):
-        return len(a) == len(b) and all(state_equal(x, y) for x, y in zip(a, b))
-    return a == b
