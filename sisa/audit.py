@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from sqlalchemy import select
 
-from store.checkpoints import file_sha256, load_checkpoint
+from store.checkpoints import file_sha256, load_checkpoint, read_staged
 from store.index import DELETED, DONE, Checkpoint, Sample
 
 from .receipts import verify_receipt
@@ -59,13 +59,15 @@ def audit(run: Run, retrain: Iterable[int] = (), repair: bool = False) -> AuditR
     report = AuditReport()
     live = run.index.checkpoints()
     bad_files: set[tuple[int, int]] = set()
+    expected = {shard: run.expected_lineages(shard) for shard in range(run.config.shards)}
+    unfinished: dict[int, int] = {}  # shard -> live slices, for shards an interrupted command left
     for shard in range(run.config.shards):
-        for i, lineage in enumerate(run.expected_lineages(shard)):
+        for i, lineage in enumerate(expected[shard]):
             where = f"shard {shard} slice {i}"
             report.checks += 3
             ck = live.get((shard, i))
             if ck is None:
-                report.failures.append(f"{where}: no live checkpoint (the chain of slices is incomplete)")
+                unfinished[shard] = sum((shard, j) in live for j in range(run.config.slices))
                 bad_files.add((shard, i))
                 continue
             path = run.dir / ck.path
@@ -81,10 +83,24 @@ def audit(run: Run, retrain: Iterable[int] = (), repair: bool = False) -> AuditR
             if ck.config_hash != run.config.config_hash:
                 report.failures.append(f"{where}: trained with another configuration")
     live_names = {Path(c.path).name for c in live.values()}
+    staged = 0
     for p in sorted((run.dir / CKPT_DIR).glob("*.pt")):
         report.checks += 1
-        if p.name not in live_names:
-            report.failures.append(f"stray checkpoint file {CKPT_DIR}/{p.name} (superseded, not removed)")
+        if p.name in live_names:
+            continue
+        meta, _ = read_staged(p)
+        if meta and meta.get("shard") in unfinished and meta.get("config_hash") == run.config.config_hash \
+                and meta.get("lineage_sha256") == expected[meta["shard"]][meta["slice"]]:
+            staged += 1  # written by the interrupted command, trained on retained data only: resume reuses it
+        else:
+            report.failures.append(f"stray checkpoint file {CKPT_DIR}/{p.name} (superseded, not removed; "
+                                   f"`{_resume_command(run)}` removes it)")
+    if unfinished:
+        live_count = sum(unfinished.values())
+        report.failures.append(
+            f"the run is unfinished: shards {sorted(unfinished)} have {live_count} of "
+            f"{len(unfinished) * run.config.slices} slice checkpoints live (an interrupted command; run "
+            f"`{_resume_command(run)}`" + (f", which reuses the {staged} checkpoint files it already wrote)" if staged else ")"))
     for req in run.index.requests():
         report.checks += 1
         if req.status != DONE:
@@ -104,9 +120,14 @@ def audit(run: Run, retrain: Iterable[int] = (), repair: bool = False) -> AuditR
         for res in run.train_from_scratch(shard, "cpu"):
             report.checks += 1
             ck = live[(shard, res.slice)]
-            if not state_equal(load_checkpoint(run.dir / ck.path, ck.sha256), res.state):
+            saved = load_checkpoint(run.dir / ck.path, ck.sha256)
+            if not state_equal({k: saved.get(k) for k in res.state}, res.state):
                 report.failures.append(f"shard {shard} slice {res.slice}: differs from retraining from scratch")
     return report
+
+
+def _resume_command(run: Run) -> str:
+    return "sisa forget --resume" if any(r.status != DONE for r in run.index.requests()) else "sisa train --resume"
 
 
 def _repair(run: Run) -> list[str]:

@@ -37,10 +37,11 @@ class RunConfig:
     channels: int = 0
     classes: int = 0
     class_names: tuple[str, ...] = field(default_factory=tuple)
+    image_size: tuple[int, ...] = field(default_factory=tuple)  # (H, W)
 
     def training_fields(self) -> dict:
         """The fields that change the learned weights (dataset identity is hashed separately)."""
-        return {k: v for k, v in dataclasses.asdict(self).items() if k not in ("dataset", "class_names")}
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in ("dataset", "class_names", "image_size")}
 
     @property
     def config_hash(self) -> str:
@@ -54,6 +55,7 @@ class RunConfig:
     def from_json(cls, text: str) -> "RunConfig":
         raw = json.loads(text)
         raw["class_names"] = tuple(raw.get("class_names", ()))
+        raw["image_size"] = tuple(raw.get("image_size", ()))
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in raw.items() if k in known})
 

@@ -25,6 +25,7 @@ import logging
 import multiprocessing
 import os
 import socket
+import time
 from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, ThreadPoolExecutor, wait
 from dataclasses import dataclass, replace
@@ -136,8 +137,12 @@ def run_task(task: ShardTask, progress: Progress | None = None, data: _Data | No
     try:
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-writer") as writer:
             for res in run_shard_job(cfg, job, state, train.images, train.labels, task.device, progress):
-                saved.append((res.slice, lineage_hash(res.ids), len(res.ids), res.sample_epochs,
-                              writer.submit(_save, res.state, ckpt_dir, res.shard, res.slice)))
+                lineage = lineage_hash(res.ids)
+                # The file describes itself, so a resumed command can reuse it (Run._adopt_staged).
+                meta = {"shard": res.shard, "slice": res.slice, "lineage_sha256": lineage,
+                        "config_hash": cfg.config_hash, "n_samples": len(res.ids), "sample_epochs": res.sample_epochs}
+                saved.append((res.slice, lineage, len(res.ids), res.sample_epochs,
+                              writer.submit(_save, {**res.state, "meta": meta}, ckpt_dir, res.shard, res.slice)))
             slices = [SavedSlice(slc, path.name, sha, size, lineage, n, work)
                       for slc, lineage, n, work, done in saved for path, sha, size in [done.result()]]
     finally:
@@ -145,8 +150,12 @@ def run_task(task: ShardTask, progress: Progress | None = None, data: _Data | No
     return ShardResult(job.shard, host, slices)
 
 
+def checkpoint_stem(shard: int, slice_: int) -> str:
+    return f"shard{shard:03d}-slice{slice_:03d}"
+
+
 def _save(state: dict, folder: Path, shard: int, slice_: int) -> tuple[Path, str, int]:
-    path, sha = save_checkpoint(state, folder, f"shard{shard:03d}-slice{slice_:03d}")
+    path, sha = save_checkpoint(state, folder, checkpoint_stem(shard, slice_))
     fault_point("checkpoint-saved")
     return path, sha, path.stat().st_size
 
@@ -261,8 +270,21 @@ def _device_worker_init(devices, events) -> None:
         torch.cuda.set_device(_device)
 
 
+def _throttled(report: Progress, every: float = 0.5) -> Progress:
+    """Progress reports cross a process boundary: send at most one per `every` seconds, and the last."""
+    last = -every
+
+    def send(shard: int, slice_: int, done: int, total: int) -> None:
+        nonlocal last
+        now = time.monotonic()
+        if now - last >= every or done == total:
+            last = now
+            report(shard, slice_, done, total)
+    return send
+
+
 def _device_job(task: ShardTask) -> Outcome:
-    return _guarded(replace(task, device=_device), lambda *p: _events.put(p))
+    return _guarded(replace(task, device=_device), _throttled(lambda *p: _events.put(p)))
 
 
 def _drain_queue(events, progress: Progress | None) -> None:
@@ -369,7 +391,7 @@ def _ray_job(task: ShardTask, board) -> Outcome:
         nonlocal last
         last = board.report.remote(*p)
 
-    outcome = _guarded(task, report)
+    outcome = _guarded(task, _throttled(report))
     if last is not None:
         ray.get(last)
     return outcome

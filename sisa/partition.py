@@ -10,8 +10,6 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
-import numpy as np
-
 
 def derive_seed(*parts: object) -> int:
     """A 63-bit seed from named parts, e.g. derive_seed(seed, "train", shard, slice).
@@ -32,6 +30,8 @@ class Placement:
 
 def partition(n: int, shards: int, slices: int, seed: int) -> list[Placement]:
     """Placement of each of n samples (by row)."""
+    import numpy as np
+
     rng = np.random.default_rng(derive_seed(seed, "partition"))
     order = rng.permutation(n)
     placements: list[Placement | None] = [None] * n
@@ -41,3 +41,14 @@ def partition(n: int, shards: int, slices: int, seed: int) -> list[Placement]:
             for pos, row in enumerate(chunk):
                 placements[int(row)] = Placement(shard, slc, pos)
     return placements  # type: ignore[return-value]
+
+
+@dataclass
+class ShardJob:
+    """Train slices `start`..R-1 of `shard`. `slice_rows[i]` are the dataset rows of the
+    retained samples of slice i in training order, `slice_ids[i]` their ids."""
+
+    shard: int
+    start: int
+    slice_rows: list[list[int]]
+    slice_ids: list[list[str]]

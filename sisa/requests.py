@@ -19,6 +19,8 @@ from .errors import SisaError, UsageError
 def open_request_file(path: Path | str) -> Iterator[tuple[str, Iterator[str]]]:
     """Yields (column, values): column is "id" or "owner", values a lazy iterator of keys."""
     path = Path(path)
+    if path.is_dir():
+        raise UsageError(f"{path} is a directory, not a CSV of ids")
     if not path.is_file():
         raise UsageError(f"request file not found: {path}")
     with open(path, "rb") as f:

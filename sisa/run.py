@@ -28,22 +28,26 @@ from contextlib import closing, contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-import torch
+from typing import TYPE_CHECKING
+
 from sqlalchemy import select, update
 
-from store.checkpoints import clean_temp
+from store.checkpoints import clean_temp, read_staged
 from store.index import (ACTIVE, DELETED, DONE, PENDING, RETRAINING, Checkpoint, Index, MissingKeys, Replacement,
                          Request, RunRow, Sample, lineage_hash, utcnow)
 
 from .config import AUGMENT_DEFAULTS, RunConfig, slice_epochs
-from .data import Dataset, load_dataset
 from .errors import SisaError, UsageError
-from .executors import ShardFailure, ShardResult, ShardTask, make_executor
-from .executors import pick_device  # noqa: F401  (re-exported: callers use sisa.run.pick_device)
 from .faults import fault_point
-from .receipts import build_receipt, write_receipt
-from .partition import partition
-from .training import Progress, ShardJob, initial_state, run_shard_job
+from .partition import ShardJob, partition
+from .receipts import build_receipt, run_secret, write_receipt
+
+if TYPE_CHECKING:  # torch and the training code load only when a command trains (~7 s here)
+    import torch
+
+    from .data import Dataset
+    from .executors import SavedSlice, ShardFailure, ShardResult, ShardTask
+    from .training import Progress
 
 INDEX_FILE = "index.sqlite"
 CKPT_DIR = "checkpoints"
@@ -53,6 +57,7 @@ CKPT_DIR = "checkpoints"
 class CompleteReport:
     shards_retrained: list[int] = field(default_factory=list)
     slices_retrained: dict[int, list[int]] = field(default_factory=dict)  # shard -> slices
+    slices_reused: dict[int, list[int]] = field(default_factory=dict)  # staged by an interrupted command
     sample_epochs: int = 0  # work spent
     full_sample_epochs: int = 0  # work a retrain of every shard from scratch would spend
     seconds: float = 0.0
@@ -68,6 +73,9 @@ class ForgetReport:
     sample_epochs: int
     full_sample_epochs: int
     seconds: float
+    slices_reused: dict[int, list[int]] = field(default_factory=dict)  # staged by an interrupted command
+    ids_not_found: int = 0  # named in the request but unknown to the index (--ignore-missing)
+    ids_not_found_examples: list[str] = field(default_factory=list)
 
     @property
     def cost_fraction(self) -> float:
@@ -76,6 +84,7 @@ class ForgetReport:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["slices_retrained"] = {str(k): v for k, v in self.slices_retrained.items()}
+        d["slices_reused"] = {str(k): v for k, v in self.slices_reused.items() if v}
         d["cost_fraction"] = round(self.cost_fraction, 6)
         return d
 
@@ -109,9 +118,10 @@ class Run:
         """
         run_dir = Path(run_dir)
         config.validate()
-        if run_dir.exists() and not overwrite:
-            raise UsageError(f"{run_dir} already exists (pass --overwrite to replace it)")
+        check_replaceable(run_dir, overwrite)
         data_dir = Path(data_dir).resolve()
+        from .data import load_dataset
+
         data = load_dataset(config.dataset, data_dir, download, test_manifest)
         config = _fit_to_data(config, data)
         n = len(data.train)
@@ -141,6 +151,7 @@ class Run:
     def _write_index(folder: Path, config: RunConfig, data: Dataset, hashes: list[str], data_dir: Path,
                      test_manifest: Path | str | None) -> None:
         (folder / CKPT_DIR).mkdir(parents=True)
+        run_secret(folder)  # the receipts' key, made with the run
         index = Index(folder / INDEX_FILE)
         places = partition(len(data.train), config.shards, config.slices, config.seed)
         with index.transaction() as s:
@@ -159,6 +170,8 @@ class Run:
     # --- data --------------------------------------------------------------------------
     def dataset(self) -> Dataset:
         if self._dataset is None:
+            from .data import load_dataset
+
             self._dataset = load_dataset(self.config.dataset, self.data_dir or "data",
                                          test_manifest=self.test_manifest)
         return self._dataset
@@ -195,6 +208,8 @@ class Run:
     def train_from_scratch(self, shard: int, device: str | torch.device = "cpu"):
         """Every slice state of `shard` trained from its initial weights on the retained data,
         without reading or writing any checkpoint (what `audit --retrain` compares against)."""
+        from .training import initial_state, run_shard_job
+
         data = self.dataset()
         job = ShardJob(shard, 0, *self.retained(shard))
         self._check_data(data, [job])
@@ -229,6 +244,8 @@ class Run:
         fails on a remote worker fails the command once the other jobs are done; what they
         committed stays committed, and the next `complete()` retrains only the failed shard.
         """
+        from .executors import ShardFailure, ShardResult, make_executor
+
         start = time.perf_counter()
         executor = make_executor(executor)
         ckpt_dir = self.dir / CKPT_DIR
@@ -238,23 +255,39 @@ class Run:
         with self.index.transaction() as s:
             s.execute(update(Request).where(Request.status == PENDING).values(status=RETRAINING))
             in_flight = list(s.scalars(select(Request.id).where(Request.status == RETRAINING)))
+        # Slices an interrupted command already wrote are reused, not retrained; a shard still
+        # goes live all at once, when its last slice exists.
+        staged = {job.shard: self._adopt_staged(job) for job in jobs}
+        for job in jobs:
+            report.slices_reused[job.shard] = [s.slice for s in staged[job.shard]]
+        tasks = [self._task(job, staged[job.shard]) for job in jobs
+                 if job.start + len(staged[job.shard]) < self.config.slices]
         data = None
-        if jobs:
+        if tasks:
             data = self.dataset()
-            self._check_data(data, jobs)
+            self._check_data(data, [t.job for t in tasks])
+        for job in jobs:
+            if job.start + len(staged[job.shard]) == self.config.slices:  # nothing left to train
+                self._go_live(job, self._arrived(ShardResult(job.shard, socket.gethostname(), staged[job.shard])),
+                              in_flight)
+                report.shards_retrained.append(job.shard)
+        first = {job.shard: job for job in jobs}
         failures: list[ShardFailure] = []
-        with closing(executor.run([self._task(job) for job in jobs], str(device), progress, data)) as outcomes:
+        with closing(executor.run(tasks, str(device), progress, data)) as outcomes:
             for task, outcome in outcomes:
                 if isinstance(outcome, ShardFailure):
                     failures.append(outcome)
                     continue
-                self._go_live(task.job, self._arrived(outcome), in_flight)
-                report.sample_epochs += sum(s.sample_epochs for s in outcome.slices)
-                report.shards_retrained.append(task.job.shard)
-                report.slices_retrained[task.job.shard] = [s.slice for s in outcome.slices]
+                shard = task.job.shard
+                trained = outcome.slices
+                outcome = replace(outcome, slices=staged[shard] + trained)
+                self._go_live(first[shard], self._arrived(outcome), in_flight)
+                report.sample_epochs += sum(s.sample_epochs for s in trained)
+                report.shards_retrained.append(shard)
+                report.slices_retrained[shard] = [s.slice for s in trained]
         report.shards_retrained.sort()  # parallel executors finish in any order
         clean_temp(ckpt_dir)  # a killed (and retried) remote attempt may have left temp files
-        self._remove_orphans()
+        self._remove_orphans(keep={f.shard for f in failures})  # a failed shard's files serve --resume
         if report.shards_retrained:
             with self.index.transaction() as s:
                 s.execute(update(RunRow).values(generation=RunRow.generation + 1))
@@ -264,9 +297,43 @@ class Run:
         report.seconds = time.perf_counter() - start
         return report
 
-    def _task(self, job: ShardJob) -> ShardTask:
-        """A shard job as plain values a worker anywhere can run (paths absolute)."""
-        ck = self.index.checkpoints()[(job.shard, job.start - 1)] if job.start else None
+    def _adopt_staged(self, job: ShardJob) -> list[SavedSlice]:
+        """Checkpoint files that an interrupted command wrote for slices job.start.. of this shard
+        but never put live, reusable because they name themselves: their bytes hash to the
+        content address in their name, and the lineage and configuration inside them are the ones
+        the retained data calls for. Deterministic training makes each equal to a retrain."""
+        from .executors import SavedSlice, checkpoint_stem
+
+        expected = self.expected_lineages(job.shard)
+        adopted: list[SavedSlice] = []
+        for i in range(job.start, self.config.slices):
+            found = None
+            for path in sorted((self.dir / CKPT_DIR).glob(f"{checkpoint_stem(job.shard, i)}-*.pt")):
+                meta, sha = read_staged(path)
+                if meta and meta.get("lineage_sha256") == expected[i] and meta.get("config_hash") == self.config.config_hash:
+                    found = SavedSlice(i, path.name, sha, path.stat().st_size, expected[i], meta["n_samples"],
+                                       meta["sample_epochs"])
+                    break
+            if found is None:
+                break
+            adopted.append(found)
+        return adopted
+
+    def _task(self, job: ShardJob, staged: list[SavedSlice] = ()) -> ShardTask:
+        """A shard job as plain values a worker anywhere can run (paths absolute), resuming after
+        the staged slices if there are any."""
+        import torch
+
+        from .executors import ShardTask
+
+        if staged:
+            job = replace(job, start=staged[-1].slice + 1)
+            start_path, start_sha = f"{CKPT_DIR}/{staged[-1].name}", staged[-1].sha256
+        elif job.start:
+            ck = self.index.checkpoints()[(job.shard, job.start - 1)]
+            start_path, start_sha = ck.path, ck.sha256
+        else:
+            start_path = start_sha = None
         recorded = {smp.id: smp.content_sha256 for smp in self.index.shard_samples(job.shard)}
         digest = hashlib.sha256("".join(recorded[x] for ids in job.slice_ids for x in ids).encode()).hexdigest()
         dataset = self.config.dataset
@@ -275,9 +342,9 @@ class Run:
         run_dir = self.dir.resolve()
         return ShardTask(job=job, run_dir=str(run_dir), checkpoint_dir=str(run_dir / CKPT_DIR),
                          config_json=self.config.to_json(), dataset=dataset, data_dir=self.data_dir,
-                         test_manifest=self.test_manifest, start_path=str(run_dir / ck.path) if ck else None,
-                         start_sha256=ck.sha256 if ck else None, data_sha256=digest,
-                         threads=torch.get_num_threads())
+                         test_manifest=self.test_manifest,
+                         start_path=str(run_dir / start_path) if start_path else None,
+                         start_sha256=start_sha, data_sha256=digest, threads=torch.get_num_threads())
 
     def _arrived(self, result: ShardResult) -> list[Checkpoint]:
         """Index rows for the files a worker wrote, once this process can see every one of them."""
@@ -327,10 +394,11 @@ class Run:
             raise SisaError(f"{len(changed)} retained samples changed since the run was created, "
                             f"e.g. {changed[0]!r}: retraining on other data would not be exact")
 
-    def _remove_orphans(self) -> None:
+    def _remove_orphans(self, keep: set[int] = frozenset()) -> None:
+        """Delete checkpoint files no live row names, except those of the shards in `keep`."""
         live = {Path(c.path).name for c in self.index.checkpoints().values()}
         for p in (self.dir / CKPT_DIR).glob("*.pt"):
-            if p.name not in live:
+            if p.name not in live and int(p.name[5:8]) not in keep:  # shardKKK-sliceIII-<sha>.pt
                 p.unlink(missing_ok=True)
 
     # --- forgetting ------------------------------------------------------------------
@@ -369,7 +437,9 @@ class Run:
         req = req or (finished[-1] if finished else None)
         return ForgetReport(req.id if req else 0, req.n_samples if req else 0, req.n_already_deleted if req else 0,
                             done.shards_retrained, done.slices_retrained, done.sample_epochs,
-                            done.full_sample_epochs, time.perf_counter() - start)
+                            done.full_sample_epochs, time.perf_counter() - start,
+                            {k: v for k, v in done.slices_reused.items() if v},
+                            req.n_unknown if req else 0, json.loads(req.unknown_examples or "[]") if req else [])
 
     def finish_requests(self) -> list[Request]:
         """Write a receipt for each journaled request and mark it done. Refuses while any live
@@ -383,7 +453,7 @@ class Run:
             if req.status == DONE:
                 continue
             finished_at = utcnow()
-            receipt = build_receipt(self.index, req, finished_at)
+            receipt = build_receipt(self.index, req, finished_at, run_secret(self.dir))
             path, sha = write_receipt(self.dir, receipt)
             fault_point("receipt-written")
             with self.index.transaction() as s:
@@ -403,6 +473,7 @@ class Run:
         requests = self.index.requests()
         return {
             "run_dir": str(self.dir), "dataset": row.dataset, "dataset_hash": row.dataset_hash,
+            "writer": writer(self.dir),
             "config": json.loads(row.config_json), "config_hash": row.config_hash,
             "generation": row.generation,
             "samples": {"active": counts.get(ACTIVE, 0), "deleted": counts.get(DELETED, 0)},
@@ -416,6 +487,31 @@ class Run:
         self.index.close()
 
 
+def check_replaceable(run_dir: Path, overwrite: bool) -> None:
+    """A run may be created where nothing is, or replace a SISA run (or an empty folder) when
+    `overwrite` says so; anything else belongs to the user and is never touched."""
+    if not run_dir.exists() and not run_dir.is_symlink():
+        if run_dir.parent.exists() and not run_dir.parent.is_dir():
+            raise UsageError(f"cannot create {run_dir}: {run_dir.parent} is not a directory")
+        return
+    if not run_dir.is_dir():
+        raise UsageError(f"{run_dir} is a file, not a run directory: choose another --run-dir")
+    is_run = (run_dir / INDEX_FILE).is_file()
+    empty = not any(run_dir.iterdir())
+    if not (is_run or empty):
+        raise UsageError(f"{run_dir} exists and is not a SISA run (no {INDEX_FILE}); "
+                         "refusing to replace it: choose another --run-dir")
+    if not overwrite:
+        raise UsageError(f"{run_dir} already exists (pass --overwrite to replace it"
+                         + (", or --resume to finish training it)" if is_run else ")"))
+
+
+def pick_device(name: str = "auto") -> "torch.device":
+    from .executors import pick_device as pick
+
+    return pick(name)
+
+
 def _failure_message(failures: list[ShardFailure], committed: list[int]) -> str:
     first, *more = sorted(failures, key=lambda f: f.shard)
     where = f" on worker host {first.host}" if first.host != "?" else ""
@@ -426,7 +522,7 @@ def _failure_message(failures: list[ShardFailure], committed: list[int]) -> str:
 
 def _fit_to_data(config: RunConfig, data: Dataset) -> RunConfig:
     return replace(config, dataset=data.name, channels=data.channels, classes=len(data.class_names),
-                   class_names=data.class_names)
+                   class_names=data.class_names, image_size=tuple(data.image_size))
 
 
 def config_for(dataset: str, **overrides) -> RunConfig:
@@ -437,18 +533,38 @@ def config_for(dataset: str, **overrides) -> RunConfig:
 
 
 @contextmanager
-def writer_lock(run_dir: Path | str):
-    """The one-writer rule: an exclusive, non-blocking lock on <run>/.lock."""
+def writer_lock(run_dir: Path | str, command: str = "sisa"):
+    """The one-writer rule: an exclusive, non-blocking lock on <run>/.lock. The holder writes
+    who it is into the file (`writer()` reads it), and empties it when done."""
     path = Path(run_dir) / ".lock"
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise SisaError(f"another sisa command is writing {run_dir}; try again when it has finished") from None
-        yield
+            held = writer(run_dir)
+            by = f" (`{held['command']}`, pid {held['pid']})" if held else ""
+            raise SisaError(f"another sisa command is writing {run_dir}{by}; try again when it has finished") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "command": command}).encode(), 0)
+        try:
+            yield
+        finally:
+            os.ftruncate(fd, 0)
     finally:
         os.close(fd)
+
+
+def writer(run_dir: Path | str) -> dict | None:
+    """Who holds the writer lock now ({"pid", "host", "command"}), or None. Read without
+    taking the lock, so asking never makes a starting writer fail."""
+    try:
+        held = json.loads((Path(run_dir) / ".lock").read_text() or "null")
+        if held and held.get("host") == socket.gethostname():
+            os.kill(int(held["pid"]), 0)  # a holder killed by SIGKILL left its note behind
+        return held
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
 
 
 
@@ -456,6 +572,8 @@ def train(run_dir: Path | str, config: RunConfig | None = None, device: str = "c
           executor=None, **create_kwargs) -> Run:
     """Create a run (partition + index) and train every shard, slice by slice. `executor`:
     "local" (default), "gpus", "ray", or an executor from sisa.executors."""
+    from .executors import make_executor
+
     executor = make_executor(executor)  # fails before the run is created, not after
     run = Run.create(run_dir, config or config_for("digits"), **create_kwargs)
     with writer_lock(run.dir):
@@ -467,6 +585,8 @@ def forget(run_dir: Path | str, ids: Iterable[str] | None = None, owners: Iterab
            ignore_missing: bool = False, device: str = "cpu", progress: Progress | None = None,
            receipt_ids: bool = False, executor=None) -> ForgetReport:
     """Exactly unlearn the given sample ids, or every sample of the given owners."""
+    from .executors import make_executor
+
     executor = make_executor(executor)
     run = Run.open(run_dir)
     try:

@@ -21,21 +21,11 @@ import torch.nn.functional as F
 from .config import RunConfig, slice_epochs
 from .faults import fault_point
 from .model import build_model, to_input
-from .partition import derive_seed
+from .partition import ShardJob, derive_seed  # noqa: F401  (ShardJob re-exported)
 
-# progress(shard, slice, epochs_done_in_slice, epochs_in_slice)
+# progress(shard, slice, samples_done, samples_total): samples (images through the network in
+# training) done so far in this shard job and in all of it, reported after every batch.
 Progress = Callable[[int, int, int, int], None]
-
-
-@dataclass
-class ShardJob:
-    """Train slices `start`..R-1 of `shard`. `slice_rows[i]` are the dataset rows of the
-    retained samples of slice i in training order, `slice_ids[i]` their ids."""
-
-    shard: int
-    start: int
-    slice_rows: list[list[int]]
-    slice_ids: list[list[str]]
 
 
 @dataclass
@@ -91,13 +81,14 @@ def augment(images: torch.Tensor, pad: int, flip: bool, gen: torch.Generator) ->
 
 def train_step(cfg: RunConfig, model: torch.nn.Module, opt: torch.optim.Optimizer,
                images: torch.Tensor, labels: torch.Tensor, epochs: int, gen: torch.Generator,
-               on_epoch: Callable[[int], None] | None = None) -> None:
+               on_batch: Callable[[int], None] | None = None) -> None:
     """`epochs` passes over (images, labels). Batches are near-equal splits of a random order,
     so no batch has a single sample (batch norm cannot train on one)."""
     n = len(labels)
     n_batches = math.ceil(n / cfg.batch_size)
     total = epochs * n_batches
     model.train()
+    seen = 0
     for epoch in range(epochs):
         order = torch.randperm(n, generator=gen)
         x_epoch = augment(images[order.to(images.device)], cfg.crop_pad, cfg.flip, gen)
@@ -110,8 +101,9 @@ def train_step(cfg: RunConfig, model: torch.nn.Module, opt: torch.optim.Optimize
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-        if on_epoch:
-            on_epoch(epoch + 1)
+            seen += len(yb)
+            if on_batch:
+                on_batch(seen)
         fault_point("epoch")
 
 
@@ -125,6 +117,9 @@ def run_shard_job(cfg: RunConfig, job: ShardJob, state: dict, images: torch.Tens
     model = build_model(cfg.arch, cfg.channels, cfg.classes).to(device)
     model.load_state_dict(state["model"])
     opt_state = state["optimizer"]
+    sizes = [sum(len(s) for s in job.slice_rows[: i + 1]) for i in range(cfg.slices)]
+    total = sum(epochs[i] * sizes[i] for i in range(job.start, cfg.slices) if sizes[i] >= 2)
+    done = 0
     for i in range(job.start, cfg.slices):
         rows = [r for s in job.slice_rows[: i + 1] for r in s]
         ids = [x for s in job.slice_ids[: i + 1] for x in s]
@@ -138,11 +133,12 @@ def run_shard_job(cfg: RunConfig, job: ShardJob, state: dict, images: torch.Tens
         if len(rows) >= 2:  # one sample cannot train batch norm: such a step leaves the state as is
             gen = torch.Generator().manual_seed(derive_seed(cfg.seed, "train", job.shard, i))
             index = torch.tensor(rows, dtype=torch.long)
-            train_step(cfg, model, opt, images[index].to(device), labels[index].to(device),
-                       epochs[i], gen, (lambda e, i=i: progress(job.shard, i, e, epochs[i])) if progress else None)
+            train_step(cfg, model, opt, images[index].to(device), labels[index].to(device), epochs[i], gen,
+                       (lambda n, i=i, before=done: progress(job.shard, i, before + n, total)) if progress else None)
             trained = epochs[i] * len(rows)
+            done += trained
         elif progress:
-            progress(job.shard, i, epochs[i], epochs[i])
+            progress(job.shard, i, done, total)
         state = {"model": {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()},
                  "optimizer": _cpu_copy(opt.state_dict())}
         opt_state = state["optimizer"]

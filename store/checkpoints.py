@@ -12,8 +12,6 @@ import os
 import tempfile
 from pathlib import Path
 
-import torch
-
 from sisa.errors import IntegrityError
 from sisa.faults import fault_point
 
@@ -55,6 +53,8 @@ def save_checkpoint(state: dict, folder: Path, stem: str) -> tuple[Path, str]:
     The name carries the content hash, so a replacement never overwrites the file it replaces:
     the old one stays valid until the index points elsewhere.
     """
+    import torch
+
     buf = io.BytesIO()
     torch.save(state, buf)
     data = buf.getvalue()
@@ -64,8 +64,10 @@ def save_checkpoint(state: dict, folder: Path, stem: str) -> tuple[Path, str]:
     return path, sha
 
 
-def load_checkpoint(path: Path, sha256: str, map_location: str | torch.device = "cpu") -> dict:
+def load_checkpoint(path: Path, sha256: str, map_location: "str | torch.device" = "cpu") -> dict:
     """Read a checkpoint, refusing it unless its bytes hash to the sha256 the index recorded."""
+    import torch
+
     try:
         data = Path(path).read_bytes()
     except FileNotFoundError:
@@ -75,6 +77,23 @@ def load_checkpoint(path: Path, sha256: str, map_location: str | torch.device = 
         raise IntegrityError(f"checkpoint {path} is corrupt: sha256 {actual[:12]}, index says {sha256[:12]} "
                              "(`sisa audit --repair` rebuilds it)")
     return torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
+
+
+def read_staged(path: Path) -> tuple[dict | None, str]:
+    """(the "meta" dict a self-describing checkpoint carries, its sha256), or (None, sha) when
+    the file's bytes do not hash to the content address in its name or do not load."""
+    data = Path(path).read_bytes()
+    sha = hashlib.sha256(data).hexdigest()
+    if not Path(path).stem.endswith(f"-{sha[:16]}"):
+        return None, sha
+    import torch
+
+    try:
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001: any unreadable file is simply not reusable
+        return None, sha
+    meta = state.get("meta") if isinstance(state, dict) else None
+    return (meta if isinstance(meta, dict) else None), sha
 
 
 def file_sha256(path: Path) -> str:

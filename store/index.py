@@ -7,6 +7,7 @@ The index knows nothing about training: `sisa` decides what to write, this modul
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
@@ -97,6 +98,8 @@ class Request(Base):
     status: Mapped[str] = mapped_column(default=PENDING)
     n_samples: Mapped[int]  # samples this request deleted (not counting ones already deleted)
     n_already_deleted: Mapped[int] = mapped_column(default=0)
+    n_unknown: Mapped[int] = mapped_column(default=0)  # keys that matched nothing (--ignore-missing)
+    unknown_examples: Mapped[str | None]  # JSON list of the first few of them
     receipt_ids: Mapped[bool] = mapped_column(default=False)  # put raw ids in the receipt, not only hashes
     receipt_path: Mapped[str | None]
     receipt_sha256: Mapped[str | None]
@@ -183,8 +186,10 @@ class Index:
                 raise MissingKeys(n_missing, list(conn.execute(unknown.limit(5)).scalars()))
             named = col.in_(select(_request_keys.c.key))
             by_status = dict(conn.execute(select(Sample.status, func.count()).where(named).group_by(Sample.status)).all())
+            examples = list(conn.execute(unknown.limit(5)).scalars()) if n_missing else []
             req = Request(created_at=utcnow(), status=PENDING, n_samples=by_status.get(ACTIVE, 0),
-                          n_already_deleted=by_status.get(DELETED, 0), receipt_ids=receipt_ids)
+                          n_already_deleted=by_status.get(DELETED, 0), n_unknown=n_missing,
+                          unknown_examples=json.dumps(examples), receipt_ids=receipt_ids)
             s.add(req)
             s.flush()
             s.execute(update(Sample).where(named, Sample.status == ACTIVE)

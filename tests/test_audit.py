@@ -134,6 +134,8 @@ def test_lineage_stray_files_and_receipts_are_checked(trained_run, tmp_path):
 def test_receipt_lists_hashes_not_ids_unless_asked(trained_run, tmp_path):
     import hashlib
 
+    from sisa.receipts import id_digest, run_secret
+
     req = tmp_path / "r.csv"
     req.write_text("owner\nuser03\n")
     assert run_cli("forget", "--ids", req, "--run-dir", trained_run, "--device", "cpu").exit_code == 0
@@ -146,6 +148,11 @@ def test_receipt_lists_hashes_not_ids_unless_asked(trained_run, tmp_path):
     assert "user03" not in json.dumps(first) and "train-0003" not in json.dumps(first)
     second = json.loads((trained_run / "receipts" / "request-000002.json").read_text())
     assert second["deleted_ids"] == ["train-0010"]
-    assert second["deleted_id_sha256"] == [hashlib.sha256(b"train-0010").hexdigest()]
+    # Keyed: the plain sha256 of a guessable id is nowhere in the receipt; the run's key finds it.
+    assert hashlib.sha256(b"train-0010").hexdigest() not in json.dumps(second)
+    assert second["deleted_id_hashes"] == [id_digest(run_secret(trained_run), "train-0010")]
+    found = json.loads(run_cli("receipts", "--id", "train-0003", "--run-dir", trained_run, "--json").stdout)
+    assert [r["request_id"] for r in found["receipts"]] == [1]
+    assert json.loads(run_cli("receipts", "--id", "train-0004", "--run-dir", trained_run, "--json").stdout)["receipts"] == []
     assert {c["sha256"] for c in second["new_checkpoints"]} <= set(file_hashes(trained_run).values())
     assert len(second["removed_checkpoints"]) == len(second["new_checkpoints"]) >= 1

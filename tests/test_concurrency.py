@@ -46,6 +46,9 @@ def test_reads_work_and_writers_wait_during_a_forget(trained_run, tmp_path, digi
         # readers are not
         st = json.loads(run_cli("status", "--run-dir", trained_run, "--json").stdout)
         assert st["requests"] == {"total": 1, "unfinished": 1} and st["samples"]["deleted"] == 1
+        assert st["writer"]["command"] == "sisa forget" and st["writer"]["pid"] == proc.pid
+        human = run_cli("status", "--run-dir", trained_run).stdout
+        assert f"`sisa forget` (pid {proc.pid}) is working on them" in human and "--resume" not in human
         assert run_cli("evaluate", "--run-dir", trained_run, "--device", "cpu").exit_code == 0
         during = sisa.Ensemble.load(trained_run)
         assert during.generation == ensemble.generation, "an unfinished forget serves the last finished models"

@@ -82,7 +82,7 @@ def test_kill_and_resume_equals_uninterrupted(trained_run, tmp_path, reference, 
     finally:
         run.close()
     got = receipt(trained_run)
-    for key in ("samples_deleted", "deleted_id_sha256", "shards_retrained", "slices_retrained",
+    for key in ("samples_deleted", "deleted_id_hashes", "shards_retrained", "slices_retrained",
                 "removed_checkpoints", "new_checkpoints"):
         assert got[key] == ref_receipt[key], key
     assert not list((trained_run / "checkpoints").glob(".*.tmp"))
