@@ -129,6 +129,9 @@ def train(
     seed: Annotated[Optional[int], typer.Option(help="Seed of the partition, initial weights and every slice's randomness. \\[default: 0]")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Training batch size. \\[default: 64]")] = None,
     lr: Annotated[Optional[float], typer.Option(help="Peak learning rate (SGD, Nesterov momentum 0.9). \\[default: 0.05]")] = None,
+    width: Annotated[Optional[int], typer.Option(help="ResNet-18 width: channels of its first layers (layers 2-4 double them). \\[default: 64]")] = None,
+    init_from: Annotated[Optional[Path], typer.Option("--init-from", help="Start every shard from these weights: a `sisa pretrain` output or torchvision ResNet-18 weights; tensors that do not fit are drawn from the seed.")] = None,
+    trainable: Annotated[Optional[str], typer.Option(help="What each shard trains: all, layer4 or fc. With layer4 or fc the trunk below is frozen (needs --init-from): features are computed once and forgets retrain only the head. \\[default: all]")] = None,
     crop_pad: Annotated[Optional[int], typer.Option(help="Random-crop padding in pixels. \\[default: per dataset]")] = None,
     flip: Annotated[Optional[bool], typer.Option("--flip/--no-flip", help="Random horizontal flips. \\[default: per dataset]")] = None,
     run_dir: RunDir = Path("sisa-run"),
@@ -147,21 +150,32 @@ def train(
     from sisa.run import check_replaceable, writer_lock
 
     options = dict(shards=shards, slices=slices, epochs=epochs, seed=seed, batch_size=batch_size, lr=lr,
-                   crop_pad=crop_pad, flip=flip)
+                   width=width, trainable=trainable, crop_pad=crop_pad, flip=flip)
     if resume:
         if overwrite:
             raise sisa.UsageError("--resume finishes a run and --overwrite replaces it: pass one of them")
         run = sisa.Run.open(run_dir)
         _refuse_conflicts(run, options, dataset, data_dir, test_manifest)
+        if init_from is not None:
+            raise sisa.UsageError("--resume finishes a run as it was created; drop --init-from")
         runner = executor_for(executor, ray_address, gpus_per_task)
     else:
+        if trainable not in (None, "all"):  # features are computed once: no augmentation unless asked
+            options.update(crop_pad=0 if crop_pad is None else crop_pad, flip=False if flip is None else flip)
         cfg = sisa.config_for(dataset or "digits", **options)
         cfg.validate()
         check_replaceable(run_dir, overwrite)  # before the data loads: a refusal comes at once
         runner = executor_for(executor, ray_address, gpus_per_task)
-        err.print(f"loading {cfg.dataset} ...", highlight=False)
         run = sisa.Run.create(run_dir, cfg, data_dir=data_dir or Path("data"), download=download,
-                              test_manifest=test_manifest, overwrite=overwrite)
+                              test_manifest=test_manifest, overwrite=overwrite, init_from=init_from,
+                              notify=lambda message: err.print(message, highlight=False))
+        if init_from is not None:
+            from sisa.backbone import describe_init, load_init_file, initial_weights
+
+            c = run.config
+            _, missing = initial_weights(c.arch, c.channels, c.classes, c.seed, 0, c.trainable,
+                                         load_init_file(init_from)[0], c.width)
+            err.print(f"init from {init_from} (sha256 {c.init_sha256[:12]}): {describe_init(missing)}", highlight=False)
     with writer_lock(run.dir, "sisa train"):
         if resume:
             load_data(run)
@@ -194,6 +208,36 @@ def _refuse_conflicts(run, options: dict, dataset: str | None, data_dir: Path | 
         clash.append(f"--test-manifest {test_manifest} (the run has {run.test_manifest or 'none'})")
     if clash:
         raise UsageError(f"--resume finishes {run.dir} as it was created; drop {', '.join(clash)}")
+
+
+@app.command()
+@handles_errors
+def pretrain(
+    dataset: Annotated[str, typer.Option(help="Data the user declares public, never subject to deletion: a built-in or a CSV manifest.")],
+    out: Annotated[Path, typer.Option(help="Where to write the weights (a .pt file); a .json record goes beside it.")],
+    epochs: Annotated[int, typer.Option(help="Training epochs.")] = 30,
+    data_dir: Annotated[Path, typer.Option(help="Where mnist/fashion-mnist/cifar10 files live.")] = Path("data"),
+    test_manifest: Annotated[Optional[Path], typer.Option(help="Test-set manifest for a CSV dataset (the record's test accuracy).")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the initial weights and the data order.")] = 0,
+    batch_size: Annotated[int, typer.Option(help="Training batch size.")] = 64,
+    lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 0.05,
+    width: Annotated[int, typer.Option(help="ResNet-18 width (as in `sisa train`).")] = 64,
+    device: Device = "auto",
+    as_json: JsonOut = False,
+):
+    """Train one ResNet-18 on public data, to start runs from (`sisa train --init-from OUT`).
+
+    Nothing learned here can be unlearned later: use only data nobody may ask to delete."""
+    from sisa.backbone import pretrain as run_pretrain
+    from sisa.run import pick_device
+
+    err.print(f"loading {dataset} ...", highlight=False)
+    with ShardProgress(1) as bars:
+        record = run_pretrain(dataset, data_dir, out, epochs, seed, batch_size, lr, pick_device(device), bars,
+                              test_manifest, width)
+    test = f", test accuracy {100 * record['test_accuracy']:.2f}%" if record["test_accuracy"] is not None else ""
+    emit(as_json, record, f"pretrained on {record['samples']} {record['dataset']} samples: train accuracy "
+                          f"{100 * record['train_accuracy']:.2f}%{test} -> {out} (sha256 {record['weights_sha256'][:12]})")
 
 
 @app.command()

@@ -18,7 +18,7 @@ from sqlalchemy import func, select
 
 from .config import RunConfig
 from .errors import IntegrityError, SisaError, UsageError
-from .model import build_model, to_input
+from .model import to_input
 
 AGGREGATIONS = ("vote", "mean")
 
@@ -30,6 +30,12 @@ class Ensemble:
             raise UsageError(f"unknown aggregation {aggregation!r}: use one of {', '.join(AGGREGATIONS)}")
         self.run_dir, self.config, self.shards, self.models = Path(run_dir), config, shards, models
         self.generation, self.aggregation, self.device = generation, aggregation, torch.device(device)
+        self.trunk = None  # a frozen trunk shared by every constituent: run once per batch
+        if config.frozen:
+            from .backbone import build_trunk
+            from .executors import run_init_state
+
+            self.trunk = build_trunk(config, run_init_state(self.run_dir, config)).to(self.device)
 
     @classmethod
     def load(cls, run_dir: Path | str, aggregation: str = "vote", device: torch.device | str = "cpu") -> "Ensemble":
@@ -62,8 +68,10 @@ class Ensemble:
 
     @staticmethod
     def _load_model(path: Path, sha256: str, config: RunConfig, device) -> torch.nn.Module:
+        from .training import build_trainable
+
         state = load_checkpoint(path, sha256)
-        model = build_model(config.arch, config.channels, config.classes)
+        model = build_trainable(config)  # the whole network, or the head on a frozen trunk
         model.load_state_dict(state["model"])
         return model.to(device).eval()
 
@@ -88,7 +96,7 @@ class Ensemble:
         self._check_shape(images)
         out = []
         for chunk in torch.split(images, batch_size):
-            x = to_input(chunk.to(self.device))
+            x = self.trunk(chunk.to(self.device)) if self.trunk is not None else to_input(chunk.to(self.device))
             out.append(torch.stack([m(x).float() for m in self.models]).cpu())
         return torch.cat(out, dim=1)
 

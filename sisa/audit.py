@@ -17,10 +17,11 @@ import torch
 from sqlalchemy import select
 
 from store.checkpoints import file_sha256, load_checkpoint, read_staged
-from store.index import DELETED, DONE, Checkpoint, Sample
+from store.features import count_features, deleted_with_features
+from store.index import ACTIVE, DELETED, DONE, Checkpoint, Sample
 
 from .receipts import verify_receipt
-from .run import CKPT_DIR, Run
+from .run import CKPT_DIR, Run, init_file_name
 
 
 @dataclass
@@ -112,6 +113,7 @@ def audit(run: Run, retrain: Iterable[int] = (), repair: bool = False) -> AuditR
     report.checks += 1
     if kept:
         report.failures.append(f"{len(kept)} deleted samples still have a content hash, e.g. {kept[0]!r}")
+    _audit_backbone(run, report)
     for shard in sorted(set(retrain)):
         report.retrained.append(shard)
         if any(k[0] == shard for k in bad_files):
@@ -123,7 +125,50 @@ def audit(run: Run, retrain: Iterable[int] = (), repair: bool = False) -> AuditR
             saved = load_checkpoint(run.dir / ck.path, ck.sha256)
             if not state_equal({k: saved.get(k) for k in res.state}, res.state):
                 report.failures.append(f"shard {shard} slice {res.slice}: differs from retraining from scratch")
+        if run.config.frozen:
+            report.checks += 1
+            if not _features_match(run, shard):
+                report.failures.append(f"shard {shard}: cached features differ from what the trunk computes")
     return report
+
+
+def _audit_backbone(run: Run, report: AuditReport) -> None:
+    """The init weights file still hashes to what the run was created from; the feature cache
+    holds a row for every retained sample and none for a deleted one."""
+    cfg = run.config
+    if cfg.init_sha256:
+        report.checks += 1
+        path = run.dir / init_file_name(cfg.init_sha256)
+        if not path.is_file():
+            report.failures.append(f"init weights file {path.name} is missing")
+        elif file_sha256(path) != cfg.init_sha256:
+            report.failures.append(f"init weights file {path.name} was altered: it no longer hashes to the "
+                                   f"sha256 the run was created from ({cfg.init_sha256[:12]})")
+    n_deleted, examples = deleted_with_features(run.index)
+    report.checks += 1
+    if n_deleted:
+        report.failures.append(f"the feature cache still holds {n_deleted} deleted samples, e.g. {examples[0]!r}")
+    if cfg.frozen:
+        report.checks += 1
+        active = run.index.counts().get(ACTIVE, 0)
+        cached = count_features(run.index) - n_deleted
+        if cached != active:
+            report.failures.append(f"the feature cache holds {cached} retained samples, the index {active}")
+
+
+def _features_match(run: Run, shard: int) -> bool:
+    """The shard's cached features, bit for bit what the frozen trunk computes from its images."""
+    from .backbone import trunk_features
+    from .executors import job_features, run_init_state
+    from .partition import ShardJob
+
+    job = ShardJob(shard, 0, *run.retained(shard))
+    cached, _, _ = job_features(run.dir, run.config, job)
+    data = run.dataset()
+    row_of = {sid: r for r, sid in enumerate(data.train.ids)}
+    rows = torch.tensor([row_of[x] for ids in job.slice_ids for x in ids], dtype=torch.long)
+    fresh = trunk_features(run.config, run_init_state(run.dir, run.config), data.train.images[rows])
+    return torch.equal(cached, fresh)
 
 
 def _resume_command(run: Run) -> str:

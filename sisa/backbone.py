@@ -128,7 +128,7 @@ def _why_unloadable(e: Exception, data: bytes) -> str:
 # --- initial weights ---------------------------------------------------------------------
 
 def initial_weights(arch: str, channels: int, classes: int, seed: int, shard: int, trainable: str,
-                    init_state: Mapping[str, torch.Tensor] | None = None) -> tuple[dict, list[str]]:
+                    init_state: Mapping[str, torch.Tensor] | None = None, width: int = 64) -> tuple[dict, list[str]]:
     """The full state dict shard `shard` starts from, and the names NOT taken from `init_state`
     (all names when there is none), in state-dict order.
 
@@ -142,9 +142,9 @@ def initial_weights(arch: str, channels: int, classes: int, seed: int, shard: in
     Drawing builds a whole model under the seed, so a trainable tensor is what "all" would draw.
     """
     _check_trainable(trainable)
-    drawn = _drawn_state(arch, channels, classes, derive_seed(seed, "init", shard))
+    drawn = _drawn_state(arch, channels, classes, derive_seed(seed, "init", shard), width)
     if trainable != "all":
-        trunk = _drawn_state(arch, channels, classes, derive_seed(seed, "init", "trunk"))
+        trunk = _drawn_state(arch, channels, classes, derive_seed(seed, "init", "trunk"), width)
         drawn = {k: v if is_trainable(k, trainable) else trunk[k] for k, v in drawn.items()}
     init_state = init_state or {}
     state, missing = {}, []
@@ -160,10 +160,10 @@ def initial_weights(arch: str, channels: int, classes: int, seed: int, shard: in
     return state, missing
 
 
-def _drawn_state(arch: str, channels: int, classes: int, seed: int) -> dict:
+def _drawn_state(arch: str, channels: int, classes: int, seed: int, width: int = 64) -> dict:
     with torch.random.fork_rng(devices=[]):  # leave the caller's global RNG as it was
         torch.manual_seed(seed)
-        return build_model(arch, channels, classes).state_dict()
+        return build_model(arch, channels, classes, width).state_dict()
 
 
 def describe_init(missing: list[str]) -> str:
@@ -219,13 +219,13 @@ class Head(nn.Sequential):
 
 
 def build_parts(arch: str, channels: int, classes: int, trainable: str,
-                state: Mapping[str, torch.Tensor] | None = None) -> tuple[Trunk, Head]:
+                state: Mapping[str, torch.Tensor] | None = None, width: int = 64) -> tuple[Trunk, Head]:
     """The model as (Trunk, Head), optionally loaded with a full-model `state`. Their state_dict
     names are the full model's, so a full state dict splits by name (`trunk_keys`) and the two
     halves' states together are a full model's state again. For "all" the trunk only scales
     inputs and the head is the whole network."""
     _check_trainable(trainable)
-    model = build_model(arch, channels, classes)
+    model = build_model(arch, channels, classes, width)
     if state is not None:
         model.load_state_dict(state)
     modules = {name: getattr(model, name) if name != "flatten" else nn.Flatten(1) for name in _STAGES}
@@ -264,11 +264,23 @@ def compute_features(trunk: Trunk, images: torch.Tensor, batch_size: int = FEATU
     return torch.cat([trunk(c.to(device)).float().cpu() for c in chunks]).contiguous()
 
 
+def build_trunk(cfg, init: Mapping[str, torch.Tensor] | None) -> Trunk:
+    """A run's frozen trunk (cfg: a sisa.config.RunConfig with a frozen `trainable`): the init
+    file's tensors where they fit, the rest drawn from (seed, "init", "trunk"), as in every shard."""
+    state, _ = initial_weights(cfg.arch, cfg.channels, cfg.classes, cfg.seed, 0, cfg.trainable, init, cfg.width)
+    return build_parts(cfg.arch, cfg.channels, cfg.classes, cfg.trainable, state, cfg.width)[0]
+
+
+def trunk_features(cfg, init: Mapping[str, torch.Tensor] | None, images: torch.Tensor) -> torch.Tensor:
+    """The run's cached features of `images`: its trunk, in the canonical chunks."""
+    return compute_features(build_trunk(cfg, init), images)
+
+
 # --- pretraining a public trunk ------------------------------------------------------------
 
 def pretrain(dataset: str, data_dir: Path | str, out: Path | str, epochs: int, seed: int = 0,
              batch_size: int = 64, lr: float = 0.05, device: torch.device | str = "cpu", progress=None,
-             test_manifest: Path | str | None = None) -> dict:
+             test_manifest: Path | str | None = None, width: int = 64) -> dict:
     """Train one monolithic ResNet-18 on `dataset`, which the user declares public, and write its
     weights to `out` (a bare state dict, torchvision's names) and a JSON record to out.with_suffix(".json").
 
@@ -290,7 +302,7 @@ def pretrain(dataset: str, data_dir: Path | str, out: Path | str, epochs: int, s
         raise UsageError(f"folder {out.parent} does not exist")
     if record_path == out or record_path.is_dir():
         raise UsageError(f"cannot write the record beside {out} as {record_path}: choose a name ending in .pt")
-    cfg = config_for(dataset, shards=1, slices=1, epochs=epochs, seed=seed, batch_size=batch_size, lr=lr)
+    cfg = config_for(dataset, shards=1, slices=1, epochs=epochs, seed=seed, batch_size=batch_size, lr=lr, width=width)
     cfg.validate()
     data = load_dataset(dataset, data_dir, test_manifest=test_manifest)
     cfg = _fit_to_data(cfg, data)  # channels, classes, ... exactly as a run records them
@@ -307,7 +319,7 @@ def pretrain(dataset: str, data_dir: Path | str, out: Path | str, epochs: int, s
     buf = io.BytesIO()
     torch.save(weights, buf)
     blob = buf.getvalue()
-    model = build_model(cfg.arch, cfg.channels, cfg.classes)
+    model = build_model(cfg.arch, cfg.channels, cfg.classes, cfg.width)
     model.load_state_dict(weights)
     test = data.test if data.test is not None and len(data.test) else None
     record = {

@@ -22,6 +22,10 @@ class RunConfig:
     epochs: int = 16  # e: epochs an unsliced shard would get; slicing spreads 2R/(R+1)*e over slices
     # model
     arch: str = "resnet18"
+    width: int = 64  # channels of the stem and layer1 (torchvision's ResNet-18: 64); layers 2-4 double it
+    # public backbone: start from an init weights file (its sha256 names it) and train only a part
+    trainable: str = "all"  # all | layer4 | fc: with layer4 or fc the trunk below is frozen and shared
+    init_sha256: str = ""  # sha256 of the init weights file; "" draws every weight from the seed
     # optimiser: SGD with Nesterov momentum; per slice, lr warms up linearly then decays to 0
     batch_size: int = 64
     lr: float = 0.05  # peak learning rate
@@ -38,10 +42,21 @@ class RunConfig:
     classes: int = 0
     class_names: tuple[str, ...] = field(default_factory=tuple)
     image_size: tuple[int, ...] = field(default_factory=tuple)  # (H, W)
+    feature_shape: tuple[int, ...] = field(default_factory=tuple)  # a frozen trunk's output per sample
 
     def training_fields(self) -> dict:
         """The fields that change the learned weights (dataset identity is hashed separately)."""
-        return {k: v for k, v in dataclasses.asdict(self).items() if k not in ("dataset", "class_names", "image_size")}
+        fields = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("dataset", "class_names", "image_size", "feature_shape")}
+        # Added later: at their defaults they are left out, so older runs keep their hash.
+        for name, default in (("width", 64), ("trainable", "all"), ("init_sha256", "")):
+            if fields[name] == default:
+                del fields[name]
+        return fields
+
+    @property
+    def frozen(self) -> bool:
+        """A frozen trunk: shards train only `trainable` on cached features."""
+        return self.trainable != "all"
 
     @property
     def config_hash(self) -> str:
@@ -56,13 +71,14 @@ class RunConfig:
         raw = json.loads(text)
         raw["class_names"] = tuple(raw.get("class_names", ()))
         raw["image_size"] = tuple(raw.get("image_size", ()))
+        raw["feature_shape"] = tuple(raw.get("feature_shape", ()))
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in raw.items() if k in known})
 
     def validate(self) -> None:
         from .errors import UsageError
 
-        for name in ("shards", "slices", "epochs", "batch_size"):
+        for name in ("shards", "slices", "epochs", "batch_size", "width"):
             if getattr(self, name) < 1:
                 raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.lr <= 0:
@@ -71,6 +87,11 @@ class RunConfig:
             raise UsageError(f"warmup must be in [0, 1), got {self.warmup}")
         if self.crop_pad < 0:
             raise UsageError(f"crop padding must be >= 0, got {self.crop_pad}")
+        if self.trainable not in ("all", "layer4", "fc"):
+            raise UsageError(f"--trainable must be all, layer4 or fc, got {self.trainable!r}")
+        if self.frozen and (self.crop_pad or self.flip):
+            raise UsageError(f"--trainable {self.trainable} trains on features computed once, so it takes no "
+                             "augmentation: pass --crop-pad 0 --no-flip")
 
 
 # Per-dataset defaults for augmentation: digits must not be flipped; clothes and CIFAR may.

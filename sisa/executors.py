@@ -38,9 +38,10 @@ from store.index import lineage_hash
 
 from .config import RunConfig
 from .data import Dataset, Split, load_dataset
-from .errors import SisaError, UsageError
+from .errors import IntegrityError, SisaError, UsageError
 from .faults import fault_point
-from .training import Progress, ShardJob, initial_state, run_shard_job
+from .partition import ShardJob
+from .training import Progress, initial_state, run_shard_job
 
 EXECUTORS = ("local", "gpus", "ray")
 
@@ -118,25 +119,28 @@ def run_task(task: ShardTask, progress: Progress | None = None, data: _Data | No
     if not ckpt_dir.is_dir():
         raise SisaError(f"run directory {task.run_dir} is not visible on worker host {host}: it must be on "
                         "a filesystem every worker mounts at the same path")
-    if data is None:
-        data = _worker_data(task.dataset, task.data_dir, task.test_manifest)
-        _check_worker_data(task, data, host)
-    # Rows in the index are positions at creation; map through ids in case the source (a user's
-    # manifest) has since dropped deleted rows.
-    job = replace(task.job, slice_rows=[[data.row_of[x] for x in ids] for ids in task.job.slice_ids])
     cfg = RunConfig.from_json(task.config_json)
+    if cfg.frozen:  # the cached features of the job's samples, not images: no data set to load
+        inputs, labels, job = job_features(Path(task.run_dir), cfg, task.job)
+    else:
+        if data is None:
+            data = _worker_data(task.dataset, task.data_dir, task.test_manifest)
+            _check_worker_data(task, data, host)
+        # Rows in the index are positions at creation; map through ids in case the source (a user's
+        # manifest) has since dropped deleted rows.
+        job = replace(task.job, slice_rows=[[data.row_of[x] for x in ids] for ids in task.job.slice_ids])
+        inputs, labels = data.dataset.train.images, data.dataset.train.labels
     if task.start_path is None:
-        state = initial_state(cfg, job.shard)
+        state = initial_state(cfg, job.shard, run_init_state(Path(task.run_dir), cfg))
     else:
         state = load_checkpoint(task.start_path, task.start_sha256)
-    train = data.dataset.train
     saved = []
     threads = torch.get_num_threads()
     if threads != task.threads:  # on CPU the bits depend on the thread count: use the coordinator's
         torch.set_num_threads(task.threads)
     try:
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-writer") as writer:
-            for res in run_shard_job(cfg, job, state, train.images, train.labels, task.device, progress):
+            for res in run_shard_job(cfg, job, state, inputs, labels, task.device, progress):
                 lineage = lineage_hash(res.ids)
                 # The file describes itself, so a resumed command can reuse it (Run._adopt_staged).
                 meta = {"shard": res.shard, "slice": res.slice, "lineage_sha256": lineage,
@@ -152,6 +156,42 @@ def run_task(task: ShardTask, progress: Progress | None = None, data: _Data | No
 
 def checkpoint_stem(shard: int, slice_: int) -> str:
     return f"shard{shard:03d}-slice{slice_:03d}"
+
+
+def job_features(run_dir: Path, cfg: RunConfig, job: ShardJob) -> tuple[torch.Tensor, torch.Tensor, ShardJob]:
+    """A frozen-trunk job's inputs: the cached features and labels of its samples, in training
+    order, and the job with rows pointing into them."""
+    from store.features import read_features
+    from store.index import Index
+
+    ids = [x for s in job.slice_ids for x in s]
+    index = Index(run_dir / "index.sqlite")
+    try:
+        features, labels = read_features(index, ids, cfg.feature_shape)
+    finally:
+        index.close()
+    rows, start = [], 0
+    for s in job.slice_ids:
+        rows.append(list(range(start, start + len(s))))
+        start += len(s)
+    return torch.from_numpy(features), torch.from_numpy(labels), replace(job, slice_rows=rows)
+
+
+def run_init_state(run_dir: Path, cfg: RunConfig) -> dict | None:
+    """The run's copy of its init weights file (checked against the config's sha256), or None."""
+    if not cfg.init_sha256:
+        return None
+    from .backbone import load_init_file
+    from .run import init_file_name
+
+    path = Path(run_dir) / init_file_name(cfg.init_sha256)
+    if not path.is_file():
+        raise SisaError(f"the run's init weights file {path} is missing")
+    state, sha = load_init_file(path)
+    if sha != cfg.init_sha256:
+        raise IntegrityError(f"the run's init weights file {path} was altered: sha256 {sha[:12]}, "
+                             f"the run was created from {cfg.init_sha256[:12]}")
+    return state
 
 
 def _save(state: dict, folder: Path, shard: int, slice_: int) -> tuple[Path, str, int]:
@@ -207,7 +247,7 @@ class LocalExecutor:
         return self._run(tasks, dev, progress, data)
 
     def _run(self, tasks, device, progress, data):
-        indexed = _index_data(data) if tasks else None
+        indexed = _index_data(data) if tasks and data is not None else None
         for task in tasks:
             # A failure propagates unchanged: the shards before it are already live.
             yield task, run_task(replace(task, device=device), progress, indexed)

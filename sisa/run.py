@@ -32,7 +32,8 @@ from typing import TYPE_CHECKING
 
 from sqlalchemy import select, update
 
-from store.checkpoints import clean_temp, read_staged
+from store.checkpoints import clean_temp, read_staged, write_atomic
+from store.features import write_features
 from store.index import (ACTIVE, DELETED, DONE, PENDING, RETRAINING, Checkpoint, Index, MissingKeys, Replacement,
                          Request, RunRow, Sample, lineage_hash, utcnow)
 
@@ -41,6 +42,11 @@ from .errors import SisaError, UsageError
 from .faults import fault_point
 from .partition import ShardJob, partition
 from .receipts import build_receipt, run_secret, write_receipt
+
+
+def init_file_name(sha256: str) -> str:
+    """The run's copy of its init weights file, named by its content."""
+    return f"init-{sha256[:16]}.pt"
 
 if TYPE_CHECKING:  # torch and the training code load only when a command trains (~7 s here)
     import torch
@@ -110,18 +116,34 @@ class Run:
     @classmethod
     def create(cls, run_dir: Path | str, config: RunConfig, data_dir: Path | str = "data",
                download: bool = False, test_manifest: Path | str | None = None,
-               overwrite: bool = False) -> "Run":
+               overwrite: bool = False, init_from: Path | str | None = None,
+               notify: Callable[[str], None] | None = None) -> "Run":
         """Partition the data and write the index. Training happens in `complete()`.
 
+        `init_from`: an init weights file (`sisa pretrain`'s, or torchvision ResNet-18 weights);
+        the run keeps a copy named by its sha256. With a frozen trunk (config.trainable layer4 or
+        fc) every training sample's features are computed here, once, and cached in the index.
+        `notify` hears what takes a while (loading the data), once the input has been checked.
         The index is built in a sibling folder and renamed into place, so a crash never
         leaves a half-written run under the user's name.
         """
         run_dir = Path(run_dir)
         config.validate()
         check_replaceable(run_dir, overwrite)
+        if config.frozen and init_from is None:
+            raise UsageError(f"--trainable {config.trainable} freezes the trunk, so it needs its weights: "
+                             "pass --init-from (a `sisa pretrain` output or ResNet-18 weights)")
+        init = None
+        if init_from is not None:
+            from .backbone import load_init_file
+
+            init, init_sha = load_init_file(init_from)  # a bad file fails here, before the data loads
+            config = replace(config, init_sha256=init_sha)
         data_dir = Path(data_dir).resolve()
         from .data import load_dataset
 
+        if notify:
+            notify(f"loading {config.dataset} ...")
         data = load_dataset(config.dataset, data_dir, download, test_manifest)
         config = _fit_to_data(config, data)
         n = len(data.train)
@@ -132,7 +154,18 @@ class Run:
         building = run_dir.with_name(f".{run_dir.name}.creating-{os.getpid()}")
         shutil.rmtree(building, ignore_errors=True)
         try:
-            cls._write_index(building, config, data, hashes, data_dir, test_manifest)
+            building.mkdir(parents=True)
+            features = None
+            if init_from is not None:
+                write_atomic(building / init_file_name(config.init_sha256), Path(init_from).read_bytes())
+            if config.frozen:
+                from .backbone import trunk_features
+
+                if notify:
+                    notify(f"computing the frozen trunk's features of {len(data.train)} samples ...")
+                features = trunk_features(config, init, data.train.images).numpy()
+                config = replace(config, feature_shape=tuple(features.shape[1:]))
+            cls._write_index(building, config, data, hashes, data_dir, test_manifest, features)
             if run_dir.exists():
                 with writer_lock(run_dir):  # never pull a run from under a running forget
                     trash = run_dir.with_name(f".{run_dir.name}.old-{os.getpid()}")
@@ -149,7 +182,7 @@ class Run:
 
     @staticmethod
     def _write_index(folder: Path, config: RunConfig, data: Dataset, hashes: list[str], data_dir: Path,
-                     test_manifest: Path | str | None) -> None:
+                     test_manifest: Path | str | None, features=None) -> None:
         (folder / CKPT_DIR).mkdir(parents=True)
         run_secret(folder)  # the receipts' key, made with the run
         index = Index(folder / INDEX_FILE)
@@ -165,6 +198,8 @@ class Run:
                      content_sha256=h, status=ACTIVE, request_id=None)
                 for r, (i, y, o, h, p) in enumerate(zip(data.train.ids, data.train.labels.tolist(),
                                                         data.train.owners, hashes, places))])
+        if features is not None:
+            write_features(index, data.train.ids, features)
         index.close()
 
     # --- data --------------------------------------------------------------------------
@@ -210,13 +245,18 @@ class Run:
         without reading or writing any checkpoint (what `audit --retrain` compares against)."""
         from .training import initial_state, run_shard_job
 
-        data = self.dataset()
+        from .executors import job_features, run_init_state
+
         job = ShardJob(shard, 0, *self.retained(shard))
+        start = initial_state(self.config, shard, run_init_state(self.dir, self.config))
+        if self.config.frozen:
+            inputs, labels, job = job_features(self.dir, self.config, job)
+            return run_shard_job(self.config, job, start, inputs, labels, device)
+        data = self.dataset()
         self._check_data(data, [job])
         row_of = {sid: r for r, sid in enumerate(data.train.ids)}
         job.slice_rows = [[row_of[x] for x in ids] for ids in job.slice_ids]
-        return run_shard_job(self.config, job, initial_state(self.config, shard), data.train.images,
-                             data.train.labels, device)
+        return run_shard_job(self.config, job, start, data.train.images, data.train.labels, device)
 
     def full_cost(self) -> int:
         """Sample-epochs of retraining every shard from scratch on the retained data."""
@@ -263,7 +303,7 @@ class Run:
         tasks = [self._task(job, staged[job.shard]) for job in jobs
                  if job.start + len(staged[job.shard]) < self.config.slices]
         data = None
-        if tasks:
+        if tasks and not self.config.frozen:  # a frozen trunk's jobs read cached features instead
             data = self.dataset()
             self._check_data(data, [t.job for t in tasks])
         for job in jobs:
@@ -461,6 +501,8 @@ class Run:
                     status=DONE, finished_at=finished_at, receipt_path=str(path.relative_to(self.dir)),
                     receipt_sha256=sha))
             finished.append(req)
+        if finished:
+            self.index.truncate_wal()  # no old page images of deleted rows stay in the log
         return finished
 
     # --- reading ---------------------------------------------------------------------

@@ -37,12 +37,28 @@ class SliceResult:
     sample_epochs: int
 
 
-def initial_state(cfg: RunConfig, shard: int) -> dict:
-    """The weights a shard starts from, drawn from (seed, "init", shard) alone."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(derive_seed(cfg.seed, "init", shard))
-        model = build_model(cfg.arch, cfg.channels, cfg.classes)
-    return {"model": model.state_dict(), "optimizer": None}
+def initial_state(cfg: RunConfig, shard: int, init: dict | None = None) -> dict:
+    """The weights a shard starts from: drawn from (seed, "init", shard) alone, or, with an init
+    weights file's state `init`, its tensors where they fit (sisa.backbone.initial_weights). With a
+    frozen trunk, only the trainable part: the trunk is a constant of the run, not a state."""
+    if init is None and not cfg.frozen:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(derive_seed(cfg.seed, "init", shard))
+            model = build_model(cfg.arch, cfg.channels, cfg.classes, cfg.width)
+        return {"model": model.state_dict(), "optimizer": None}
+    from .backbone import initial_weights, is_trainable
+
+    state, _ = initial_weights(cfg.arch, cfg.channels, cfg.classes, cfg.seed, shard, cfg.trainable, init, cfg.width)
+    return {"model": {k: v for k, v in state.items() if is_trainable(k, cfg.trainable)}, "optimizer": None}
+
+
+def build_trainable(cfg: RunConfig) -> torch.nn.Module:
+    """What a shard trains: the whole ResNet-18, or with a frozen trunk only its head."""
+    if not cfg.frozen:
+        return build_model(cfg.arch, cfg.channels, cfg.classes, cfg.width)
+    from .backbone import build_parts
+
+    return build_parts(cfg.arch, cfg.channels, cfg.classes, cfg.trainable, width=cfg.width)[1]
 
 
 def make_optimizer(cfg: RunConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
@@ -64,6 +80,8 @@ def augment(images: torch.Tensor, pad: int, flip: bool, gen: torch.Generator) ->
     Offsets and flips are drawn on the CPU generator, so the draw is identical on any device;
     the crop itself is one gather on the images' device, with no per-sample Python.
     """
+    if not (pad or flip):
+        return images  # also what a frozen trunk's features take: they are not images
     n, _, h, w = images.shape
     if pad > 0:
         shifts = torch.randint(0, 2 * pad + 1, (2, n), generator=gen).to(images.device)
@@ -97,7 +115,8 @@ def train_step(cfg: RunConfig, model: torch.nn.Module, opt: torch.optim.Optimize
                                          torch.tensor_split(y_epoch, n_batches))):
             for group in opt.param_groups:
                 group["lr"] = lr_at(cfg, epoch * n_batches + b, total)
-            loss = F.cross_entropy(model(to_input(xb)), yb, label_smoothing=cfg.label_smoothing)
+            inputs = to_input(xb) if xb.dtype == torch.uint8 else xb  # images, or a frozen trunk's features
+            loss = F.cross_entropy(model(inputs), yb, label_smoothing=cfg.label_smoothing)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -111,10 +130,11 @@ def run_shard_job(cfg: RunConfig, job: ShardJob, state: dict, images: torch.Tens
                   labels: torch.Tensor, device: torch.device | str = "cpu",
                   progress: Progress | None = None) -> Iterator[SliceResult]:
     """Train slices job.start..R-1 from `state` (the state after slice start-1, or the initial
-    state), yielding each slice's resulting state as soon as it exists."""
+    state), yielding each slice's resulting state as soon as it exists. `images` are uint8
+    images, or with a frozen trunk the cached float features, indexed by job.slice_rows."""
     device = torch.device(device)
     epochs = slice_epochs(cfg.slices, cfg.epochs)
-    model = build_model(cfg.arch, cfg.channels, cfg.classes).to(device)
+    model = build_trainable(cfg).to(device)
     model.load_state_dict(state["model"])
     opt_state = state["optimizer"]
     sizes = [sum(len(s) for s in job.slice_rows[: i + 1]) for i in range(cfg.slices)]

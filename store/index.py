@@ -14,7 +14,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from sqlalchemy import (Column, ForeignKey, Index as SqlIndex, MetaData, String, Table, create_engine, event, func,
-                        select, update)
+                        select, text, update)
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 ACTIVE, DELETED = "active", "deleted"
@@ -137,6 +137,12 @@ class Index:
     def close(self) -> None:
         self.engine.dispose()
 
+    def truncate_wal(self) -> None:
+        """Copy the write-ahead log into the database and empty it, so the log keeps no old page
+        images (of rows since deleted). Best effort: a reader holding an old snapshot defers it."""
+        with self.engine.connect() as conn:
+            conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
+
     # --- reads -------------------------------------------------------------------------
     def run(self) -> RunRow:
         with self.transaction() as s:
@@ -194,6 +200,9 @@ class Index:
             s.flush()
             s.execute(update(Sample).where(named, Sample.status == ACTIVE)
                       .values(status=DELETED, request_id=req.id, content_sha256=None))
+            # Derived copies go in the same transaction: the cached features of a frozen trunk.
+            conn.execute(text("DELETE FROM features WHERE id IN (SELECT id FROM samples WHERE request_id = :r)"),
+                         {"r": req.id})
             conn.execute(_request_keys.delete())
         return req, n_missing
 
@@ -223,5 +232,9 @@ def _set_pragmas(dbapi_conn, _record) -> None:
     cur.execute("PRAGMA journal_mode=WAL")
     cur.execute("PRAGMA synchronous=FULL")
     cur.execute("PRAGMA foreign_keys=ON")
+    cur.execute("PRAGMA secure_delete=ON")  # deleted rows (cached features) are overwritten, not left in free pages
     cur.execute("PRAGMA busy_timeout=30000")  # readers and a writer may meet; wait, don't fail
     cur.close()
+
+
+from . import features as _features  # noqa: E402,F401  (registers the features table on Base)

@@ -14,7 +14,7 @@ from cli import app
 from .conftest import file_hashes
 
 runner = CliRunner()
-COMMANDS = ["train", "forget", "predict", "evaluate", "status", "audit", "receipts"]
+COMMANDS = ["train", "pretrain", "forget", "predict", "evaluate", "status", "audit", "receipts"]
 
 
 def invoke(*args):
@@ -34,14 +34,14 @@ def test_every_command_has_help(command):
     assert result.exit_code == 0
     assert "Usage" in result.output
     if command:
-        assert "--run-dir" in result.output or command == "predict"
+        assert "--run-dir" in result.output or command in ("predict", "pretrain")
 
 
 def test_train_status_evaluate_predict_forget(tmp_path, digits_manifest):
     train_csv, test_csv = digits_manifest
     run = tmp_path / "run"
     r = invoke("train", "--dataset", train_csv, "--test-manifest", test_csv, "--shards", 2, "--slices", 2,
-               "--epochs", 1, "--batch-size", 32, "--run-dir", run, "--device", "cpu", "--json")
+               "--epochs", 1, "--batch-size", 32, "--width", 16, "--run-dir", run, "--device", "cpu", "--json")
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["shards_trained"] == [0, 1]
 

@@ -74,6 +74,8 @@ def test_kill_and_resume_equals_uninterrupted(trained_run, tmp_path, reference, 
     resumed = cli(["forget", "--resume", "--json"], trained_run)
     assert resumed.returncode == 0, resumed.stderr
     assert file_hashes(trained_run) == ref_hashes
+    if (point, at) == ("checkpoint-saved", 2):  # shard 0's new slices 1 and 2 were written, not yet live
+        assert json.loads(resumed.stdout)["slices_reused"] == {"0": [1, 2]}, "written work is reused, not redone"
     run = sisa.Run.open(trained_run)
     try:
         result = audit(run)

@@ -35,7 +35,7 @@ def template_options(digits_manifest) -> list:
     cfg = small_config(train_csv)
     return ["--dataset", train_csv, "--test-manifest", test_csv, "--shards", cfg.shards, "--slices", cfg.slices,
             "--epochs", cfg.epochs, "--batch-size", cfg.batch_size, "--lr", cfg.lr, "--crop-pad", cfg.crop_pad,
-            "--no-flip", "--seed", cfg.seed]
+            "--no-flip", "--seed", cfg.seed, "--width", cfg.width]
 
 
 # --- 1, 2: --overwrite never destroys what is not a run ------------------------------------
@@ -67,7 +67,7 @@ def test_a_regular_file_as_run_dir_is_one_line_and_untouched(tmp_path, digits_ma
 def test_overwrite_replaces_an_empty_folder_and_an_existing_run(tmp_path, digits_manifest):
     empty = tmp_path / "empty"
     empty.mkdir()
-    tiny = ["--dataset", digits_manifest[0], "--shards", 1, "--slices", 1, "--epochs", 1, "--batch-size", 64,
+    tiny = ["--dataset", digits_manifest[0], "--shards", 1, "--slices", 1, "--epochs", 1, "--batch-size", 64, "--width", 8,
             "--device", "cpu", "--run-dir", empty]
     one_line_error(invoke("train", *tiny), 2, "already exists (pass --overwrite to replace it)")
     assert invoke("train", *tiny, "--overwrite").exit_code == 0
@@ -125,7 +125,7 @@ def test_resume_refuses_options_that_contradict_the_run(trained_run, digits_mani
 
 # --- 5: long runs say what they do --------------------------------------------------------
 def test_training_reports_loading_images_rate_and_time_left(tmp_path, digits_manifest):
-    r = invoke("train", "--dataset", digits_manifest[0], "--shards", 1, "--slices", 2, "--epochs", 1,
+    r = invoke("train", "--dataset", digits_manifest[0], "--shards", 1, "--slices", 2, "--epochs", 1, "--width", 8,
                "--batch-size", 64, "--device", "cpu", "--run-dir", tmp_path / "run")
     assert r.exit_code == 0, r.output
     assert r.stderr.splitlines()[0].startswith("loading ")
@@ -137,7 +137,7 @@ def test_progress_counts_samples_batch_by_batch(digits_manifest):
     from sisa.training import ShardJob, initial_state, run_shard_job
 
     split, classes = load_manifest(digits_manifest[0])
-    cfg = sisa.config_for(str(digits_manifest[0]), shards=1, slices=2, epochs=1, batch_size=32, channels=1,
+    cfg = sisa.config_for(str(digits_manifest[0]), shards=1, slices=2, epochs=1, batch_size=32, channels=1, width=8,
                           classes=len(classes))
     rows = [list(range(0, 40)), list(range(40, 80))]
     calls = []
