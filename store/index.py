@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import secrets
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
@@ -93,6 +94,8 @@ class Request(Base):
 
     __tablename__ = "requests"
     id: Mapped[int] = mapped_column(primary_key=True, autoincrement=True)
+    # what a service hands out: unguessable, so one client cannot look up another's requests
+    public_id: Mapped[str] = mapped_column(unique=True, default=lambda: f"r-{secrets.token_urlsafe(16)}")
     created_at: Mapped[datetime]
     finished_at: Mapped[datetime | None]
     status: Mapped[str] = mapped_column(default=PENDING)
