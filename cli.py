@@ -90,10 +90,15 @@ class ShardProgress:
 
 
 def load_data(run) -> None:
-    """Load the run's data now, saying so, when training will need it (large sets take a while)."""
+    """When there is training to do, pay its start-up now, before the command's clock starts:
+    the training code's imports (torch, torchvision: seconds here) and, unless a frozen trunk's
+    cached features stand in for it, the data set, saying so (large sets take a while)."""
     if run.shard_jobs():
-        err.print(f"loading {run.config.dataset} ...", highlight=False)
-        run.dataset()
+        import sisa.executors  # noqa: F401
+
+        if not run.config.frozen:
+            err.print(f"loading {run.config.dataset} ...", highlight=False)
+            run.dataset()
 
 
 def executor_for(name: str, ray_address: str | None, gpus_per_task: float | None):
@@ -131,6 +136,7 @@ def train(
     lr: Annotated[Optional[float], typer.Option(help="Peak learning rate (SGD, Nesterov momentum 0.9). \\[default: 0.05]")] = None,
     width: Annotated[Optional[int], typer.Option(help="ResNet-18 width: channels of its first layers (layers 2-4 double them). \\[default: 64]")] = None,
     init_from: Annotated[Optional[Path], typer.Option("--init-from", help="Start every shard from these weights: a `sisa pretrain` output or torchvision ResNet-18 weights; tensors that do not fit are drawn from the seed.")] = None,
+    features_from: Annotated[Optional[Path], typer.Option("--features-from", help="With a frozen trunk: copy the cached features from this run (same data, same trunk) instead of computing them again.")] = None,
     trainable: Annotated[Optional[str], typer.Option(help="What each shard trains: all, layer4 or fc. With layer4 or fc the trunk below is frozen (needs --init-from): features are computed once and forgets retrain only the head. \\[default: all]")] = None,
     crop_pad: Annotated[Optional[int], typer.Option(help="Random-crop padding in pixels. \\[default: per dataset]")] = None,
     flip: Annotated[Optional[bool], typer.Option("--flip/--no-flip", help="Random horizontal flips. \\[default: per dataset]")] = None,
@@ -156,8 +162,8 @@ def train(
             raise sisa.UsageError("--resume finishes a run and --overwrite replaces it: pass one of them")
         run = sisa.Run.open(run_dir)
         _refuse_conflicts(run, options, dataset, data_dir, test_manifest)
-        if init_from is not None:
-            raise sisa.UsageError("--resume finishes a run as it was created; drop --init-from")
+        if init_from is not None or features_from is not None:
+            raise sisa.UsageError("--resume finishes a run as it was created; drop --init-from and --features-from")
         runner = executor_for(executor, ray_address, gpus_per_task)
     else:
         if trainable not in (None, "all"):  # features are computed once: no augmentation unless asked
@@ -168,6 +174,7 @@ def train(
         runner = executor_for(executor, ray_address, gpus_per_task)
         run = sisa.Run.create(run_dir, cfg, data_dir=data_dir or Path("data"), download=download,
                               test_manifest=test_manifest, overwrite=overwrite, init_from=init_from,
+                              features_from=features_from,
                               notify=lambda message: err.print(message, highlight=False))
         if init_from is not None:
             from sisa.backbone import describe_init, load_init_file, initial_weights

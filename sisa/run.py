@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING
 from sqlalchemy import select, update
 
 from store.checkpoints import clean_temp, read_staged, write_atomic
-from store.features import write_features
+from store.features import copy_features, write_features
 from store.index import (ACTIVE, DELETED, DONE, PENDING, RETRAINING, Checkpoint, Index, MissingKeys, Replacement,
                          Request, RunRow, Sample, lineage_hash, utcnow)
 
@@ -117,13 +117,15 @@ class Run:
     def create(cls, run_dir: Path | str, config: RunConfig, data_dir: Path | str = "data",
                download: bool = False, test_manifest: Path | str | None = None,
                overwrite: bool = False, init_from: Path | str | None = None,
-               notify: Callable[[str], None] | None = None) -> "Run":
+               notify: Callable[[str], None] | None = None, features_from: Path | str | None = None) -> "Run":
         """Partition the data and write the index. Training happens in `complete()`.
 
         `init_from`: an init weights file (`sisa pretrain`'s, or torchvision ResNet-18 weights);
         the run keeps a copy named by its sha256. With a frozen trunk (config.trainable layer4 or
         fc) every training sample's features are computed here, once, and cached in the index.
         `notify` hears what takes a while (loading the data), once the input has been checked.
+        `features_from`: another frozen-trunk run over the same data with the same trunk, whose
+        cached features are copied instead of computed again (a sweep over S pays for them once).
         The index is built in a sibling folder and renamed into place, so a crash never
         leaves a half-written run under the user's name.
         """
@@ -158,7 +160,10 @@ class Run:
             features = None
             if init_from is not None:
                 write_atomic(building / init_file_name(config.init_sha256), Path(init_from).read_bytes())
-            if config.frozen:
+            if config.frozen and features_from is not None:
+                source = _feature_source(Path(features_from), config, hashes)
+                config = replace(config, feature_shape=source.feature_shape)
+            elif config.frozen:
                 from .backbone import trunk_features
 
                 if notify:
@@ -166,6 +171,13 @@ class Run:
                 features = trunk_features(config, init, data.train.images).numpy()
                 config = replace(config, feature_shape=tuple(features.shape[1:]))
             cls._write_index(building, config, data, hashes, data_dir, test_manifest, features)
+            if config.frozen and features_from is not None:
+                index = Index(building / INDEX_FILE)
+                try:
+                    if copy_features(index, Path(features_from) / INDEX_FILE) != n:
+                        raise SisaError(f"{features_from} lacks the cached features of some samples (deleted there?)")
+                finally:
+                    index.close()
             if run_dir.exists():
                 with writer_lock(run_dir):  # never pull a run from under a running forget
                     trash = run_dir.with_name(f".{run_dir.name}.old-{os.getpid()}")
@@ -560,6 +572,25 @@ def _failure_message(failures: list[ShardFailure], committed: list[int]) -> str:
     also = f" (also failed: shards {[f.shard for f in more]})" if more else ""
     kept = f"; shards {committed} were retrained and are live" if committed else ""
     return f"shard {first.shard} failed{where}: {first.error}{also}{kept}; run again with --resume to finish"
+
+
+def _feature_source(source: Path, config: RunConfig, hashes: list[str]) -> RunConfig:
+    """The config of a run whose feature cache this one may copy: same data, same trunk."""
+    if not (source / INDEX_FILE).is_file():
+        raise UsageError(f"--features-from: no SISA run at {source}")
+    index = Index(source / INDEX_FILE)
+    try:
+        row = index.run()
+    finally:
+        index.close()
+    other = RunConfig.from_json(row.config_json)
+    trunk = ("arch", "width", "channels", "seed", "trainable", "init_sha256")
+    differ = [k for k in trunk if getattr(other, k) != getattr(config, k)]
+    if not other.frozen or differ:
+        raise UsageError(f"--features-from {source}: its trunk differs ({', '.join(differ) or 'not frozen'})")
+    if row.dataset_hash != hashlib.sha256("".join(hashes).encode()).hexdigest():
+        raise UsageError(f"--features-from {source}: it was created from other data")
+    return other
 
 
 def _fit_to_data(config: RunConfig, data: Dataset) -> RunConfig:

@@ -11,6 +11,7 @@ of the run's `feature_shape`.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 
 import numpy as np
 from sqlalchemy import ForeignKey, LargeBinary, func, select
@@ -62,6 +63,23 @@ def deleted_with_features(index: Index, limit: int = 5) -> tuple[int, list[str]]
         q = select(Feature.id).join(Sample, Sample.id == Feature.id).where(Sample.status == DELETED)
         n = s.execute(select(func.count()).select_from(q.subquery())).scalar_one()
         return n, list(s.scalars(q.limit(limit)))
+
+
+def copy_features(index: Index, source: Path) -> int:
+    """Copy the cached rows of this index's samples from another run's index (`source`), in one
+    transaction; returns how many were copied. The caller checks that both runs share a trunk."""
+    with index.engine.connect() as conn:  # ATTACH and DETACH must stand outside the transaction
+        conn.exec_driver_sql("ATTACH DATABASE ? AS source", (str(source),))
+        conn.commit()
+        try:
+            n = conn.exec_driver_sql("INSERT INTO features (id, data) SELECT f.id, f.data FROM source.features f "
+                                     "JOIN samples s ON s.id = f.id").rowcount
+            conn.commit()
+        finally:
+            conn.rollback()
+            conn.exec_driver_sql("DETACH DATABASE source")
+            conn.commit()
+    return n
 
 
 def count_features(index: Index) -> int:

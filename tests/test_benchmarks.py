@@ -34,3 +34,17 @@ def test_unlearning_benchmark_smoke(tmp_path):
     assert "| SISA |" in md and "gap to Retrain" in md
     for png in ("methods", "cost", "shards"):
         assert (tmp_path / f"unlearning_smoke_digits_{png}.png").stat().st_size > 1000
+
+
+def test_public_backbone_benchmark_smoke(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.public_backbone", "--smoke", "--work", str(tmp_path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads((tmp_path / "results" / "public_backbone_smoke.json").read_text())
+    assert [r["shards"] for r in res["runs"]] == [1, 5]
+    assert res["runs"][1]["features"] == "copied from S=1", "the sweep computes features once"
+    assert all(0 < r["checkpoint_bytes_mean"] < 0.01 * res["full_checkpoint_bytes"] for r in res["runs"])
+    assert len(res["forgets"]) == 1 and 0 < res["forgets"][0]["seconds"] < res["forgets"][0]["wall_s"]
+    assert 0 <= res["pretrain"]["test_accuracy"] <= 1
+    md = (tmp_path / "results" / "public_backbone_smoke.md").read_text()
+    assert "| public-only (the backbone's own classifier) |" in md and "| SISA heads, S = 5 |" in md

@@ -209,6 +209,18 @@ def test_cli_pretrain_train_forget_evaluate_predict(tmp_path, digits_manifest):
     assert again.exit_code == 2 and "--trainable all (the run has fc)" in again.stderr
 
 
+def test_a_second_run_copies_the_feature_cache_and_trains_the_same(tmp_path, digits_manifest, backbone, frozen_template):
+    cfg = sisa.Run.open(frozen_template).config
+    copy = tmp_path / "copy"
+    sisa.train(copy, frozen_config(digits_manifest[0], cfg.trainable), test_manifest=digits_manifest[1],
+               init_from=backbone, features_from=frozen_template).close()
+    assert file_hashes(copy) == file_hashes(frozen_template)
+    other = frozen_config(digits_manifest[0], cfg.trainable, seed=8)
+    with pytest.raises(sisa.UsageError, match="its trunk differs \\(seed\\)"):
+        sisa.Run.create(tmp_path / "no", other, init_from=backbone, features_from=frozen_template)
+    assert not (tmp_path / "no").exists()
+
+
 @pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="needs the ray extra")
 def test_ray_executor_trains_frozen_heads_bitwise_like_local(tmp_path, digits_manifest, backbone):
     cfg = frozen_config(digits_manifest[0], "fc")
