@@ -311,14 +311,15 @@ def _device_worker_init(devices, events) -> None:
 
 
 def _throttled(report: Progress, every: float = 0.5) -> Progress:
-    """Progress reports cross a process boundary: send at most one per `every` seconds, and the last."""
-    last = -every
+    """Progress reports cross a process boundary: send at most one per `every` seconds, besides
+    the first of each slice and the last."""
+    last, last_slice = -every, None
 
     def send(shard: int, slice_: int, done: int, total: int) -> None:
-        nonlocal last
+        nonlocal last, last_slice
         now = time.monotonic()
-        if now - last >= every or done == total:
-            last = now
+        if now - last >= every or done == total or slice_ != last_slice:
+            last, last_slice = now, slice_
             report(shard, slice_, done, total)
     return send
 

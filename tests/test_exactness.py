@@ -43,7 +43,8 @@ def live_states(run_dir, shard: int) -> list[dict]:
     try:
         cks = index.checkpoints()
         n = index.run().slices
-        return [load_checkpoint(run_dir / cks[(shard, i)].path, cks[(shard, i)].sha256) for i in range(n)]
+        states = [load_checkpoint(run_dir / cks[(shard, i)].path, cks[(shard, i)].sha256) for i in range(n)]
+        return [{k: s[k] for k in ("model", "optimizer")} for s in states]  # beside them: the file's "meta"
     finally:
         index.close()
 
