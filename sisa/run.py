@@ -27,7 +27,6 @@ from collections.abc import Callable, Iterable
 from contextlib import closing, contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 from sqlalchemy import select, update
@@ -43,11 +42,6 @@ from .faults import fault_point
 from .partition import ShardJob, partition
 from .receipts import build_receipt, run_secret, write_receipt
 
-
-def init_file_name(sha256: str) -> str:
-    """The run's copy of its init weights file, named by its content."""
-    return f"init-{sha256[:16]}.pt"
-
 if TYPE_CHECKING:  # torch and the training code load only when a command trains (~7 s here)
     import torch
 
@@ -57,6 +51,11 @@ if TYPE_CHECKING:  # torch and the training code load only when a command trains
 
 INDEX_FILE = "index.sqlite"
 CKPT_DIR = "checkpoints"
+
+
+def init_file_name(sha256: str) -> str:
+    """The run's copy of its init weights file, named by its content."""
+    return f"init-{sha256[:16]}.pt"
 
 
 @dataclass
@@ -159,7 +158,10 @@ class Run:
             building.mkdir(parents=True)
             features = None
             if init_from is not None:
-                write_atomic(building / init_file_name(config.init_sha256), Path(init_from).read_bytes())
+                blob = Path(init_from).read_bytes()
+                if hashlib.sha256(blob).hexdigest() != config.init_sha256:
+                    raise SisaError(f"{init_from} changed while the run was being created; try again")
+                write_atomic(building / init_file_name(config.init_sha256), blob)
             if config.frozen and features_from is not None:
                 source = _feature_source(Path(features_from), config, hashes)
                 config = replace(config, feature_shape=source.feature_shape)
@@ -255,9 +257,8 @@ class Run:
     def train_from_scratch(self, shard: int, device: str | torch.device = "cpu"):
         """Every slice state of `shard` trained from its initial weights on the retained data,
         without reading or writing any checkpoint (what `audit --retrain` compares against)."""
-        from .training import initial_state, run_shard_job
-
         from .executors import job_features, run_init_state
+        from .training import initial_state, run_shard_job
 
         job = ShardJob(shard, 0, *self.retained(shard))
         start = initial_state(self.config, shard, run_init_state(self.dir, self.config))
