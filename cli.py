@@ -97,7 +97,7 @@ def load_data(run) -> None:
         import sisa.executors  # noqa: F401
 
         if not run.config.frozen:
-            err.print(f"loading {run.config.dataset} ...", highlight=False)
+            err.print(f"loading {run.config.dataset} ...", highlight=False, soft_wrap=True)
             run.dataset()
 
 
@@ -175,14 +175,7 @@ def train(
         run = sisa.Run.create(run_dir, cfg, data_dir=data_dir or Path("data"), download=download,
                               test_manifest=test_manifest, overwrite=overwrite, init_from=init_from,
                               features_from=features_from,
-                              notify=lambda message: err.print(message, highlight=False))
-        if init_from is not None:
-            from sisa.backbone import describe_init, load_init_file, initial_weights
-
-            c = run.config
-            _, missing = initial_weights(c.arch, c.channels, c.classes, c.seed, 0, c.trainable,
-                                         load_init_file(init_from)[0], c.width)
-            err.print(f"init from {init_from} (sha256 {c.init_sha256[:12]}): {describe_init(missing)}", highlight=False)
+                              notify=lambda message: err.print(message, highlight=False, soft_wrap=True))
     with writer_lock(run.dir, "sisa train"):
         if resume:
             load_data(run)
@@ -238,7 +231,7 @@ def pretrain(
     from sisa.backbone import pretrain as run_pretrain
     from sisa.run import pick_device
 
-    err.print(f"loading {dataset} ...", highlight=False)
+    err.print(f"loading {dataset} ...", highlight=False, soft_wrap=True)
     with ShardProgress(1) as bars:
         record = run_pretrain(dataset, data_dir, out, epochs, seed, batch_size, lr, pick_device(device), bars,
                               test_manifest, width)

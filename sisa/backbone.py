@@ -166,6 +166,14 @@ def _drawn_state(arch: str, channels: int, classes: int, seed: int, width: int =
         return build_model(arch, channels, classes, width).state_dict()
 
 
+def unfitted(arch: str, channels: int, classes: int, init_state: Mapping[str, torch.Tensor], width: int = 64) -> list[str]:
+    """The names `initial_weights` would draw rather than take from `init_state` (cheap: the model
+    is built on the meta device, with no weights and no draws from the RNG)."""
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in build_model(arch, channels, classes, width).state_dict().items()}
+    return [k for k, shape in shapes.items() if k not in init_state or init_state[k].shape != shape]
+
+
 def describe_init(missing: list[str]) -> str:
     """One short line about the tensors an init file did not give, grouped by top-level module:
     "conv1.weight, fc.weight, fc.bias initialised from the seed"."""

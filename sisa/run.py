@@ -147,6 +147,11 @@ class Run:
             notify(f"loading {config.dataset} ...")
         data = load_dataset(config.dataset, data_dir, download, test_manifest)
         config = _fit_to_data(config, data)
+        if init is not None and notify:
+            from .backbone import describe_init, unfitted
+
+            missing = unfitted(config.arch, config.channels, config.classes, init, config.width)
+            notify(f"init from {init_from} (sha256 {config.init_sha256[:12]}): {describe_init(missing)}")
         n = len(data.train)
         if n < 2 * config.shards * config.slices:
             raise UsageError(f"{n} samples are too few for {config.shards} shards x {config.slices} slices "

@@ -173,6 +173,17 @@ def test_wrong_init_files_are_one_line_and_change_nothing(tmp_path, digits_manif
     assert not (tmp_path / "run").exists()
 
 
+def test_torchvision_weights_give_what_fits_and_the_rest_is_listed(tmp_path, digits_manifest):
+    import torchvision
+
+    path = tmp_path / "imagenet-shaped.pt"  # a 7x7 RGB stem and 1000 classes: neither fits 8x8 digits
+    torch.save(torchvision.models.resnet18(num_classes=1000).state_dict(), path)
+    r = invoke("train", "--dataset", digits_manifest[0], "--init-from", path, "--trainable", "fc", "--shards", 1,
+               "--slices", 1, "--epochs", 1, "--device", "cpu", "--run-dir", tmp_path / "run")
+    assert r.exit_code == 0, r.output
+    assert "conv1.weight, fc.weight, fc.bias initialised from the seed" in r.stderr
+
+
 def test_frozen_trunk_needs_init_weights_and_no_augmentation(tmp_path, digits_manifest):
     r = invoke("train", "--dataset", digits_manifest[0], "--trainable", "fc", "--run-dir", tmp_path / "run")
     assert r.exit_code == 2 and "needs its weights: pass --init-from" in r.stderr
