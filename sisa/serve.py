@@ -715,7 +715,10 @@ def deployment(run_dir: Path | str, token: str | None = None, replicas: int = 2,
     run beside them on the same run directory (a filesystem every replica mounts). Each replica
     reads the index's generation before every prediction and reloads when it moved on, so a
     prediction that arrives after a request is done never comes from the models that held its
-    samples. `token`: /predict then needs it, unless `public_predict`.
+    samples. (A replica that reloads while the writer is mid-batch may load some shards' new
+    models under the old generation number: a state whose requests are not done yet, so the
+    guarantee holds; the single-process server never does this.) `token`: /predict then needs
+    it, unless `public_predict`.
 
         from ray import serve
         serve.run(sisa.serve.deployment("run", replicas=4), route_prefix="/")
