@@ -293,6 +293,42 @@ def forget(
 
 @app.command()
 @handles_errors
+def add(
+    dataset: Annotated[Path, typer.Option("--dataset", help="A manifest id,path,label[,owner] of new samples (new ids); images are converted and resized to the run's.")],
+    run_dir: RunDir = Path("sisa-run"),
+    device: Device = "auto",
+    executor: ExecutorName = "local",
+    ray_address: RayAddress = None,
+    gpus_per_task: GpusPerTask = None,
+    as_json: JsonOut = False,
+):
+    """Take in new training samples exactly: each goes to the shard with the fewest live samples,
+    at the end of its last slice, and only those shards retrain their last slice step.
+
+    The manifest stays part of the run's data (like the data set it was created from): keep it."""
+    import sisa
+    from sisa.run import writer_lock
+
+    if not dataset.is_file():
+        raise sisa.UsageError(f"manifest not found: {dataset}")
+    runner = executor_for(executor, ray_address, gpus_per_task)
+    run = sisa.Run.open(run_dir)
+    with writer_lock(run.dir, "sisa add"):
+        n, placed = run.record_addition(dataset)
+        load_data(run)
+        with ShardProgress(run.config.slices) as bars:
+            done = run.resume(device, bars, executor=runner)
+    payload = {"samples_added": n, "placed": {str(k): v for k, v in sorted(placed.items())},
+               "shards_retrained": done.shards_retrained,
+               "slices_retrained": {str(k): v for k, v in done.slices_retrained.items()},
+               "sample_epochs": done.sample_epochs, "full_sample_epochs": done.full_sample_epochs,
+               "seconds": round(done.seconds, 3)}
+    emit(as_json, payload, f"added {n} samples to shards {sorted(placed)}: retrained {len(done.shards_retrained)} shards' "
+                           f"last slice, {done.sample_epochs} of {done.full_sample_epochs} sample-epochs in {done.seconds:.1f} s")
+
+
+@app.command()
+@handles_errors
 def predict(
     images: Annotated[list[Path], typer.Argument(help="Image files (resized to the run's image size).")],
     aggregation: Annotated[str, typer.Option(help="vote (majority, SISA's default) or mean (of softmax).")] = "vote",

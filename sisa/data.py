@@ -180,8 +180,10 @@ def read_image(path: Path, channels: int | None = None, size: tuple[int, int] | 
     return torch.from_numpy(arr.copy())  # PIL's buffer is read-only
 
 
-def load_manifest(path: Path, class_names: tuple[str, ...] | None = None) -> tuple[Split, tuple[str, ...]]:
-    """A CSV `id,path,label[,owner]` of image files. Labels are class names (or integers)."""
+def load_manifest(path: Path, class_names: tuple[str, ...] | None = None, channels: int | None = None,
+                  size: tuple[int, int] | None = None) -> tuple[Split, tuple[str, ...]]:
+    """A CSV `id,path,label[,owner]` of image files. Labels are class names (or integers). With
+    `channels` and `size` (a run's), images are converted and resized to them, as `predict` does."""
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"manifest not found: {path}")
@@ -205,8 +207,8 @@ def load_manifest(path: Path, class_names: tuple[str, ...] | None = None) -> tup
     unknown = [s for s in labels if s not in index]
     if unknown:
         raise SisaError(f"{path}: unknown label {unknown[0]!r} (classes: {', '.join(class_names)})")
-    first = read_image(path.parent / rows[0]["path"])
-    images = [first] + [read_image(path.parent / r["path"], first.shape[0]) for r in rows[1:]]
+    first = read_image(path.parent / rows[0]["path"], channels, size)
+    images = [first] + [read_image(path.parent / r["path"], first.shape[0], size) for r in rows[1:]]
     for r, im in zip(rows, images):
         if im.shape != first.shape:
             raise SisaError(f"{path}: image {r['path']} is {tuple(im.shape)}, expected {tuple(first.shape)}")
@@ -228,3 +230,15 @@ def load_dataset(name: str, data_dir: Path | str = "data", download: bool = Fals
         test = load_manifest(Path(test_manifest), classes)[0] if test_manifest else None
         return Dataset(name, train, test, classes)
     raise UsageError(f"unknown dataset {name!r}: use one of {', '.join(BUILTINS)} or a .csv manifest")
+
+
+def with_additions(data: Dataset, manifests: list[str] | tuple[str, ...]) -> Dataset:
+    """`data` with the samples `sisa add` took in appended to its training split, in the order
+    they were added, converted and resized to its images' channels and size."""
+    if not manifests:
+        return data
+    parts = [data.train] + [load_manifest(Path(m), data.class_names, data.channels, data.image_size)[0]
+                            for m in manifests]
+    train = Split([i for p in parts for i in p.ids], torch.cat([p.images for p in parts]),
+                  torch.cat([p.labels for p in parts]), [o for p in parts for o in p.owners])
+    return Dataset(data.name, train, data.test, data.class_names)

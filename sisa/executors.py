@@ -37,7 +37,7 @@ from store.checkpoints import load_checkpoint, save_checkpoint
 from store.index import lineage_hash
 
 from .config import RunConfig
-from .data import Dataset, Split, load_dataset
+from .data import Dataset, Split, load_dataset, with_additions
 from .errors import IntegrityError, SisaError, UsageError
 from .faults import fault_point
 from .partition import ShardJob
@@ -62,6 +62,7 @@ class ShardTask:
     data_sha256: str  # over the index's content hashes of the retained samples, in training order
     threads: int  # torch intra-op threads: on CPU the bits of the result depend on their number
     device: str = "cpu"
+    additions: tuple[str, ...] = ()  # manifests `sisa add` took in (absolute), in order
 
 
 @dataclass
@@ -104,8 +105,8 @@ def _index_data(dataset: Dataset) -> _Data:
 
 
 @functools.lru_cache(maxsize=1)  # a worker process keeps the last data set it loaded
-def _worker_data(name: str, data_dir: str | None, test_manifest: str | None) -> _Data:
-    return _index_data(load_dataset(name, data_dir or "data", test_manifest=test_manifest))
+def _worker_data(name: str, data_dir: str | None, test_manifest: str | None, additions: tuple[str, ...]) -> _Data:
+    return _index_data(with_additions(load_dataset(name, data_dir or "data", test_manifest=test_manifest), additions))
 
 
 def run_task(task: ShardTask, progress: Progress | None = None, data: _Data | None = None) -> ShardResult:
@@ -124,7 +125,7 @@ def run_task(task: ShardTask, progress: Progress | None = None, data: _Data | No
         inputs, labels, job = job_features(Path(task.run_dir), cfg, task.job)
     else:
         if data is None:
-            data = _worker_data(task.dataset, task.data_dir, task.test_manifest)
+            data = _worker_data(task.dataset, task.data_dir, task.test_manifest, task.additions)
             _check_worker_data(task, data, host)
         # Rows in the index are positions at creation; map through ids in case the source (a user's
         # manifest) has since dropped deleted rows.

@@ -29,12 +29,12 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 
 from store.checkpoints import clean_temp, read_staged, write_atomic
-from store.features import copy_features, write_features
-from store.index import (ACTIVE, DELETED, DONE, PENDING, RETRAINING, Checkpoint, Index, MissingKeys, Replacement,
-                         Request, RunRow, Sample, lineage_hash, utcnow)
+from store.features import Feature, copy_features, write_features
+from store.index import (ACTIVE, DELETED, DONE, PENDING, RETRAINING, Addition, Checkpoint, Index, MissingKeys,
+                         Replacement, Request, RunRow, Sample, lineage_hash, utcnow)
 
 from .config import AUGMENT_DEFAULTS, RunConfig, slice_epochs
 from .errors import SisaError, UsageError
@@ -91,6 +91,23 @@ class ForgetReport:
         d["slices_retrained"] = {str(k): v for k, v in self.slices_retrained.items()}
         d["slices_reused"] = {str(k): v for k, v in self.slices_reused.items() if v}
         d["cost_fraction"] = round(self.cost_fraction, 6)
+        return d
+
+
+@dataclass
+class AddReport:
+    samples_added: int
+    placed: dict[int, int]  # shard -> new samples
+    shards_retrained: list[int]
+    slices_retrained: dict[int, list[int]]
+    sample_epochs: int
+    full_sample_epochs: int
+    seconds: float
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["placed"] = {str(k): v for k, v in self.placed.items()}
+        d["slices_retrained"] = {str(k): v for k, v in self.slices_retrained.items()}
         return d
 
 
@@ -223,12 +240,16 @@ class Run:
 
     # --- data --------------------------------------------------------------------------
     def dataset(self) -> Dataset:
+        """The training data: the data set the run was created from, then what `add` took in."""
         if self._dataset is None:
-            from .data import load_dataset
+            from .data import load_dataset, with_additions
 
-            self._dataset = load_dataset(self.config.dataset, self.data_dir or "data",
-                                         test_manifest=self.test_manifest)
+            self._dataset = with_additions(load_dataset(self.config.dataset, self.data_dir or "data",
+                                                        test_manifest=self.test_manifest), self.additions())
         return self._dataset
+
+    def additions(self) -> tuple[str, ...]:
+        return tuple(a.manifest for a in self.index.additions())
 
     # --- what needs training -----------------------------------------------------------
     def retained(self, shard: int) -> tuple[list[list[int]], list[list[str]]]:
@@ -400,7 +421,7 @@ class Run:
         run_dir = self.dir.resolve()
         return ShardTask(job=job, run_dir=str(run_dir), checkpoint_dir=str(run_dir / CKPT_DIR),
                          config_json=self.config.to_json(), dataset=dataset, data_dir=self.data_dir,
-                         test_manifest=self.test_manifest,
+                         test_manifest=self.test_manifest, additions=self.additions(),
                          start_path=str(run_dir / start_path) if start_path else None,
                          start_sha256=start_sha, data_sha256=digest, threads=torch.get_num_threads())
 
@@ -458,6 +479,67 @@ class Run:
         for p in (self.dir / CKPT_DIR).glob("*.pt"):
             if p.name not in live and int(p.name[5:8]) not in keep:  # shardKKK-sliceIII-<sha>.pt
                 p.unlink(missing_ok=True)
+
+    # --- adding ----------------------------------------------------------------------
+    def record_addition(self, manifest: Path | str) -> tuple[int, dict[int, int]]:
+        """Take in new samples (a manifest `id,path,label[,owner]`, images converted and resized to
+        the run's) in one transaction, before any training; returns (samples, {shard: count}).
+
+        Placement, one sample at a time in manifest order: the shard with the fewest live samples
+        (ties: the lowest shard), at the end of its last slice. Only the last slice's step of each
+        shard that received samples then needs retraining. With a frozen trunk, the new samples'
+        features are computed now and cached in the same transaction."""
+        from .data import load_manifest
+
+        manifest = Path(manifest).resolve()
+        cfg = self.config
+        split, _ = load_manifest(manifest, cfg.class_names, cfg.channels, tuple(cfg.image_size) or self.dataset().image_size)
+        with self.index.transaction() as s:
+            taken = list(s.scalars(select(Sample.id).where(Sample.id.in_(split.ids)).limit(5)))
+        if taken:
+            raise SisaError(f"{manifest}: ids already in the run, e.g. {', '.join(repr(t) for t in taken)} "
+                            "(new samples need new ids)")
+        hashes = split.sample_hashes()
+        features = None
+        if cfg.frozen:
+            from .backbone import trunk_features
+            from .executors import run_init_state
+
+            features = trunk_features(cfg, run_init_state(self.dir, cfg), split.images).numpy()
+        placed: dict[int, int] = {}
+        with self.index.transaction() as s:
+            live = dict(s.execute(select(Sample.shard, func.count()).where(Sample.status == ACTIVE)
+                                  .group_by(Sample.shard)).all())
+            last = cfg.slices - 1
+            ends = dict(s.execute(select(Sample.shard, func.max(Sample.position)).where(Sample.slice == last)
+                                  .group_by(Sample.shard)).all())
+            first_row = s.execute(select(func.count()).select_from(Sample)).scalar_one()
+            rows = []
+            for k, (sid, y, owner, h) in enumerate(zip(split.ids, split.labels.tolist(), split.owners, hashes)):
+                shard = min(range(cfg.shards), key=lambda i: (live.get(i, 0), i))
+                live[shard] = live.get(shard, 0) + 1
+                ends[shard] = ends.get(shard, -1) + 1
+                placed[shard] = placed.get(shard, 0) + 1
+                rows.append(dict(id=sid, row=first_row + k, label=int(y), owner=owner, shard=shard, slice=last,
+                                 position=ends[shard], content_sha256=h, status=ACTIVE, request_id=None))
+            s.add(Addition(created_at=utcnow(), manifest=str(manifest), n_samples=len(rows)))
+            s.execute(Sample.__table__.insert(), rows)
+            if features is not None:
+                s.execute(Feature.__table__.insert(), [{"id": sid, "data": f.tobytes()}
+                                                       for sid, f in zip(split.ids, features)])
+        self._dataset = None  # the training data now includes the new manifest
+        fault_point("journaled")
+        return len(rows), placed
+
+    def add(self, manifest: Path | str, device: str | torch.device = "cpu", progress: Progress | None = None,
+            executor=None) -> "AddReport":
+        """Take in new samples and train them in exactly: each shard that received some retrains
+        its last slice step (a deterministic function of the retained ids, as always)."""
+        start = time.perf_counter()
+        n, placed = self.record_addition(manifest)
+        done = self.complete(device, progress, executor)
+        return AddReport(n, placed, done.shards_retrained, done.slices_retrained, done.sample_epochs,
+                         done.full_sample_epochs, time.perf_counter() - start)
 
     # --- forgetting ------------------------------------------------------------------
     def record_request(self, ids: Iterable[str] | None = None, owners: Iterable[str] | None = None,

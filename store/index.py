@@ -109,6 +109,17 @@ class Request(Base):
     report_json: Mapped[str | None]
 
 
+class Addition(Base):
+    """New training data taken in after creation (`sisa add`): a manifest of image files that the
+    run reads again whenever it retrains, like the data set it was created from."""
+
+    __tablename__ = "additions"
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=True)
+    created_at: Mapped[datetime]
+    manifest: Mapped[str]  # absolute path
+    n_samples: Mapped[int]
+
+
 class Replacement(Base):
     """A checkpoint replaced while a request was in flight: what its receipt proves was removed."""
 
@@ -163,6 +174,10 @@ class Index:
     def checkpoints(self) -> dict[tuple[int, int], Checkpoint]:
         with self.transaction() as s:
             return {(c.shard, c.slice): c for c in s.scalars(select(Checkpoint))}
+
+    def additions(self) -> list[Addition]:
+        with self.transaction() as s:
+            return list(s.scalars(select(Addition).order_by(Addition.id)))
 
     def requests(self) -> list[Request]:
         with self.transaction() as s:
