@@ -329,6 +329,25 @@ def add(
 
 @app.command()
 @handles_errors
+def serve(
+    host: Annotated[str, typer.Option(help="Address to listen on. Anything but loopback (127.0.0.1, ::1, localhost) needs --token-file.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on (0: a free one, printed at start).")] = 8000,
+    token_file: Annotated[Optional[Path], typer.Option("--token-file", help="File holding the bearer token that /forget, /requests and /status require (and /predict off loopback). Without it the server only predicts, on loopback.")] = None,
+    batch_window: Annotated[float, typer.Option("--batch-window", help="Seconds to wait after a deletion request for others to join the same retraining.")] = 0.0,
+    public_predict: Annotated[bool, typer.Option("--public-predict", help="Answer /predict without the token on a non-loopback host.")] = False,
+    run_dir: RunDir = Path("sisa-run"),
+    device: RunOn = "auto",
+):
+    """Serve predictions and deletion requests over HTTP (the serve extra: pip install "sisa[serve]").
+
+    POST /forget journals a request before it answers 202; a background writer retrains in batches, serves the new models, then marks the requests done: once GET /requests/ID says done, no prediction comes from a model that saw their samples. API docs at /docs."""
+    from sisa.serve import serve as run_server
+
+    run_server(run_dir, host, port, token_file, batch_window, public_predict, device)
+
+
+@app.command()
+@handles_errors
 def predict(
     images: Annotated[list[Path], typer.Argument(help="Image files (resized to the run's image size).")],
     aggregation: Annotated[str, typer.Option(help="vote (majority, SISA's default) or mean (of softmax).")] = "vote",

@@ -25,21 +25,26 @@ AGGREGATIONS = ("vote", "mean")
 
 class Ensemble:
     def __init__(self, run_dir: Path, config: RunConfig, shards: list[int], models: list[torch.nn.Module],
-                 generation: int, aggregation: str = "vote", device: torch.device | str = "cpu"):
+                 generation: int, aggregation: str = "vote", device: torch.device | str = "cpu",
+                 checkpoints: list[str] | None = None, trunk: torch.nn.Module | None = None):
         if aggregation not in AGGREGATIONS:
             raise UsageError(f"unknown aggregation {aggregation!r}: use one of {', '.join(AGGREGATIONS)}")
         self.run_dir, self.config, self.shards, self.models = Path(run_dir), config, shards, models
         self.generation, self.aggregation, self.device = generation, aggregation, torch.device(device)
-        self.trunk = None  # a frozen trunk shared by every constituent: run once per batch
-        if config.frozen:
+        self.checkpoints = checkpoints or []  # the sha256 each model was loaded from
+        self.trunk = trunk  # a frozen trunk shared by every constituent: run once per batch
+        if config.frozen and trunk is None:
             from .backbone import build_trunk
             from .executors import run_init_state
 
             self.trunk = build_trunk(config, run_init_state(self.run_dir, config)).to(self.device)
 
     @classmethod
-    def load(cls, run_dir: Path | str, aggregation: str = "vote", device: torch.device | str = "cpu") -> "Ensemble":
-        """Load each non-empty shard's last-slice checkpoint, verified against its sha256."""
+    def load(cls, run_dir: Path | str, aggregation: str = "vote", device: torch.device | str = "cpu",
+             reuse: "Ensemble | None" = None) -> "Ensemble":
+        """Load each non-empty shard's last-slice checkpoint, verified against its sha256. From
+        `reuse` (an ensemble of the same run and config), constituents whose checkpoint did not
+        change and the frozen trunk are taken as they are rather than loaded again."""
         run_dir = Path(run_dir)
         if not (run_dir / "index.sqlite").is_file():
             raise UsageError(f"no SISA run at {run_dir}")
@@ -56,9 +61,13 @@ class Ensemble:
                 rows = [r for r in rows if live.get(r.shard, 0) > 0]  # a shard with no data has no model
                 if not rows:
                     raise SisaError(f"{run_dir} has no trained constituents (run `sisa train --resume`)")
+                same = reuse is not None and reuse.config.config_hash == config.config_hash
+                kept = dict(zip(reuse.checkpoints, reuse.models)) if same else {}
                 try:
-                    models = [cls._load_model(run_dir / r.path, r.sha256, config, device) for r in rows]
-                    return cls(run_dir, config, [r.shard for r in rows], models, run.generation, aggregation, device)
+                    models = [kept[r.sha256] if r.sha256 in kept else cls._load_model(run_dir / r.path, r.sha256, config, device)
+                              for r in rows]
+                    return cls(run_dir, config, [r.shard for r in rows], models, run.generation, aggregation, device,
+                               [r.sha256 for r in rows], reuse.trunk if same else None)
                 except IntegrityError:
                     if attempt == 2 or all((run_dir / r.path).exists() for r in rows):
                         raise
@@ -87,7 +96,9 @@ class Ensemble:
         return self.current_generation() != self.generation
 
     def reload(self) -> "Ensemble":
-        return Ensemble.load(self.run_dir, self.aggregation, self.device)
+        """The run's current ensemble; unchanged constituents and the trunk are shared with this one
+        (inference never writes to them, so both can predict at once)."""
+        return Ensemble.load(self.run_dir, self.aggregation, self.device, reuse=self)
 
     # --- prediction --------------------------------------------------------------------
     @torch.no_grad()

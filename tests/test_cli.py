@@ -14,7 +14,7 @@ from cli import app
 from .conftest import file_hashes
 
 runner = CliRunner()
-COMMANDS = ["train", "pretrain", "add", "forget", "predict", "evaluate", "status", "audit", "receipts"]
+COMMANDS = ["train", "pretrain", "add", "serve", "forget", "predict", "evaluate", "status", "audit", "receipts"]
 
 
 def invoke(*args):
