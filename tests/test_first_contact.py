@@ -201,3 +201,11 @@ def test_status_receipts_and_bad_input_do_not_import_torch(trained_run, tmp_path
                  ["train", "--run-dir", trained_run], ["status", "--run-dir", tmp_path / "none"]):
         p = subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True, timeout=120)
         assert p.stdout.split()[1] == "False", (args, p.stdout, p.stderr)
+
+
+# --- 4: the suite cleans up after itself -----------------------------------------------------
+def test_the_suite_deletes_what_passed_tests_created(pytestconfig, tmp_path_factory):
+    # pytest's default keeps every test's folder of the last three sessions (runs of 89 MB
+    # checkpoints: ~12 GB a session before the suite's runs were narrowed to width 16)
+    assert pytestconfig.getini("tmp_path_retention_policy") == "failed"
+    assert small_config("x.csv").width == 16, "the suite's runs are narrow: ~2.8 MB per checkpoint"
