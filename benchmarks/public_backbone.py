@@ -82,6 +82,35 @@ def full_checkpoint_bytes(channels: int, classes: int, width: int) -> int:
     return len(buf.getvalue())
 
 
+def reusable_backbone(backbone: Path, public: Path, args) -> dict | None:
+    """An earlier invocation's `sisa pretrain` output for the same settings (its record), or None.
+    Pretraining is the long part on a CPU; an interrupted benchmark need not repeat it."""
+    record_path = backbone.with_suffix(".json")
+    if not (backbone.is_file() and record_path.is_file()):
+        return None
+    record = json.loads(record_path.read_text())
+    import hashlib
+
+    same = (record["dataset"] == str(public) and record["epochs"] == args.pretrain_epochs
+            and record["seed"] == args.seed and record["config"]["width"] == args.width
+            and hashlib.sha256(backbone.read_bytes()).hexdigest() == record["weights_sha256"])
+    if same:
+        record["reused"] = "from an earlier invocation of this benchmark"
+    return record if same else None
+
+
+def reusable_run(run_dir: Path, shards: int, args, init_sha: str) -> dict | None:
+    """A complete run of an earlier invocation with the same settings: {"seconds": None}, or None."""
+    if not (run_dir / "index.sqlite").is_file():
+        return None
+    status, _ = cli("status", "--run-dir", run_dir)
+    c = status["config"]
+    same = (status["complete"] and status["requests"]["total"] == 0 and c["shards"] == shards
+            and c["slices"] == args.slices and c["epochs"] == args.epochs and c["init_sha256"] == init_sha
+            and c["trainable"] == "fc" and c["seed"] == args.seed)
+    return {"seconds": None} if same else None
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data-dir", default="../shared/datasets")
@@ -116,22 +145,26 @@ def main() -> None:
     test = write_split(work, "test", te.ids, te.images, te.labels)
 
     backbone = work / "backbone.pt"
-    record, pretrain_wall = cli("pretrain", "--dataset", public, "--test-manifest", test, "--out", backbone,
-                                "--epochs", args.pretrain_epochs, "--width", args.width, "--seed", args.seed,
-                                "--device", "cpu")
+    record, pretrain_wall = reusable_backbone(backbone, public, args), None
+    if record is None:
+        record, pretrain_wall = cli("pretrain", "--dataset", public, "--test-manifest", test, "--out", backbone,
+                                    "--epochs", args.pretrain_epochs, "--width", args.width, "--seed", args.seed,
+                                    "--device", "cpu")
 
     shards = [int(s) for s in args.shards.split(",")]
     runs, first = [], None
     for s in shards:
         run_dir = work / f"run-s{s}"
         extra = ["--features-from", first] if first else []
-        out, seconds = cli("train", "--dataset", private, "--test-manifest", test, "--init-from", backbone,
+        out, seconds = reusable_run(run_dir, s, args, record["weights_sha256"]), None
+        if out is None:
+            out, seconds = cli("train", "--dataset", private, "--test-manifest", test, "--init-from", backbone,
                            "--trainable", "fc", "--width", args.width, "--shards", s, "--slices", args.slices,
                            "--epochs", args.epochs, "--seed", args.seed, "--run-dir", run_dir, "--overwrite",
-                           "--device", "cpu", *extra)
+                               "--device", "cpu", *extra)
         ev = evaluate(run_dir, "cpu")
         files = list((run_dir / "checkpoints").glob("*.pt"))
-        runs.append({"shards": s, "train_wall_s": round(seconds, 2), "train_seconds": out["seconds"],
+        runs.append({"shards": s, "train_wall_s": round(seconds, 2) if seconds else None, "train_seconds": out["seconds"],
                      "features": "computed" if not first else f"copied from S={shards[0]}",
                      "ensemble_vote": ev["ensemble_vote"], "ensemble_mean": ev["ensemble_mean"],
                      "checkpoint_bytes_mean": round(sum(f.stat().st_size for f in files) / len(files)),
@@ -160,7 +193,7 @@ def main() -> None:
     payload = {
         "environment": env, "dataset": name, "split": {"public_rows": [0, p], "private_rows": [p, len(tr)],
                                                          "test": len(te)},
-        "settings": vars(args), "pretrain": record, "pretrain_wall_s": round(pretrain_wall, 2),
+        "settings": vars(args), "pretrain": record, "pretrain_wall_s": round(pretrain_wall, 2) if pretrain_wall else None,
         "runs": runs, "forgets": forgets, "startup_s": startup, "full_checkpoint_bytes": full,
         "wall_seconds": round(time.perf_counter() - started, 1),
     }
@@ -185,7 +218,8 @@ def main() -> None:
               "| S | bytes per (shard, slice) | share of a full checkpoint | bytes per run |", "|---|---|---|---|"]
     lines += [f"| {r['shards']} | {r['checkpoint_bytes_mean']:,} | {100 * r['checkpoint_bytes_mean'] / full:.3f}% "
               f"| {r['checkpoint_bytes_run']:,} |" for r in runs]
-    lines += ["", f"Pretraining: {record['seconds']} s of training ({pretrain_wall:.0f} s wall); "
+    when = f"{pretrain_wall:.0f} s wall" if pretrain_wall else "reused from an earlier invocation"
+    lines += ["", f"Pretraining: {record['seconds']} s of training ({when}); "
               f"whole benchmark {payload['wall_seconds']} s."]
     result = "public_backbone_smoke" if args.smoke else f"public_backbone_{name.replace('-', '')}_cpu"
     folder = work / "results" if args.smoke else ROOT / "benchmarks" / "results"
