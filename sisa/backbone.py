@@ -128,7 +128,8 @@ def _why_unloadable(e: Exception, data: bytes) -> str:
 # --- initial weights ---------------------------------------------------------------------
 
 def initial_weights(arch: str, channels: int, classes: int, seed: int, shard: int, trainable: str,
-                    init_state: Mapping[str, torch.Tensor] | None = None, width: int = 64) -> tuple[dict, list[str]]:
+                    init_state: Mapping[str, torch.Tensor] | None = None, width: int = 64,
+                    trainable_only: bool = False) -> tuple[dict, list[str]]:
     """The full state dict shard `shard` starts from, and the names NOT taken from `init_state`
     (all names when there is none), in state-dict order.
 
@@ -140,10 +141,14 @@ def initial_weights(arch: str, channels: int, classes: int, seed: int, shard: in
         frozen trunk must be identical in every constituent), the trainable part from
         (seed, "init", shard).
     Drawing builds a whole model under the seed, so a trainable tensor is what "all" would draw.
+    `trainable_only`: only the trainable part (what a shard's training starts from), which spares
+    drawing the trunk.
     """
     _check_trainable(trainable)
     drawn = _drawn_state(arch, channels, classes, derive_seed(seed, "init", shard), width)
-    if trainable != "all":
+    if trainable_only:
+        drawn = {k: v for k, v in drawn.items() if is_trainable(k, trainable)}
+    elif trainable != "all":
         trunk = _drawn_state(arch, channels, classes, derive_seed(seed, "init", "trunk"), width)
         drawn = {k: v if is_trainable(k, trainable) else trunk[k] for k, v in drawn.items()}
     init_state = init_state or {}

@@ -34,7 +34,7 @@ from sqlalchemy import func, select, update
 from store.checkpoints import clean_temp, read_staged, write_atomic
 from store.features import Feature, copy_features, write_features
 from store.index import (ACTIVE, DELETED, DONE, PENDING, RETRAINING, Addition, Checkpoint, Index, MissingKeys,
-                         Replacement, Request, RunRow, Sample, lineage_hash, utcnow)
+                         Replacement, Request, RunRow, Sample, utcnow)
 
 from .config import AUGMENT_DEFAULTS, RunConfig, slice_epochs
 from .errors import SisaError, UsageError
@@ -254,29 +254,40 @@ class Run:
     # --- what needs training -----------------------------------------------------------
     def retained(self, shard: int) -> tuple[list[list[int]], list[list[str]]]:
         """(rows, ids) of the shard's retained samples, per slice, in training order."""
-        rows: list[list[int]] = [[] for _ in range(self.config.slices)]
-        ids: list[list[str]] = [[] for _ in range(self.config.slices)]
-        for smp in self.index.shard_samples(shard):
-            if smp.status == ACTIVE:
-                rows[smp.slice].append(smp.row)
-                ids[smp.slice].append(smp.id)
-        return rows, ids
+        return self.retained_by_shard([shard])[shard]
 
-    def expected_lineages(self, shard: int) -> list[str]:
-        """The lineage hash each slice's checkpoint must have, given the retained data."""
-        _, ids = self.retained(shard)
-        return [lineage_hash(x for s in ids[: i + 1] for x in s) for i in range(self.config.slices)]
+    def retained_by_shard(self, only: Iterable[int] | None = None) -> dict[int, tuple[list[list[int]], list[list[str]]]]:
+        """`retained` for every shard (or only some), from one query."""
+        shards = range(self.config.shards) if only is None else sorted(only)
+        out = {k: ([[] for _ in range(self.config.slices)], [[] for _ in range(self.config.slices)]) for k in shards}
+        for k, slc, sid, row in self.index.retained_places(None if only is None else shards):
+            out[k][0][slc].append(row)
+            out[k][1][slc].append(sid)
+        return out
 
-    def shard_jobs(self) -> list[ShardJob]:
-        """One job per shard whose live checkpoints are not exactly what its retained data
-        would train: a missing checkpoint, or one whose lineage holds a deleted sample."""
+    def expected_lineages(self, shard: int, ids: list[list[str]] | None = None) -> list[str]:
+        """The lineage hash each slice's checkpoint must have, given the retained data: the
+        sha256 of the ids of slices 0..i (store.index.lineage_hash), one running hash."""
+        ids = self.retained(shard)[1] if ids is None else ids
+        h, out = hashlib.sha256(), []
+        for slice_ids in ids:
+            for x in slice_ids:
+                h.update(x.encode())
+                h.update(b"\n")
+            out.append(h.copy().hexdigest())
+        return out
+
+    def shard_jobs(self, only: Iterable[int] | None = None) -> list[ShardJob]:
+        """One job per shard (of all, or of `only`) whose live checkpoints are not exactly what
+        its retained data would train: a missing checkpoint, or one whose lineage holds a deleted
+        sample."""
         live = self.index.checkpoints()
         jobs = []
-        for shard in range(self.config.shards):
-            for i, lineage in enumerate(self.expected_lineages(shard)):
+        for shard, (rows, ids) in self.retained_by_shard(only).items():
+            for i, lineage in enumerate(self.expected_lineages(shard, ids)):
                 ck = live.get((shard, i))
                 if ck is None or ck.lineage_sha256 != lineage or ck.config_hash != self.config.config_hash:
-                    jobs.append(ShardJob(shard, i, *self.retained(shard)))
+                    jobs.append(ShardJob(shard, i, rows, ids))
                     break
         return jobs
 
@@ -300,14 +311,15 @@ class Run:
     def full_cost(self) -> int:
         """Sample-epochs of retraining every shard from scratch on the retained data."""
         epochs = slice_epochs(self.config.slices, self.config.epochs)
+        with self.index.transaction() as s:
+            counts = dict(((k, i), n) for k, i, n in s.execute(
+                select(Sample.shard, Sample.slice, func.count()).where(Sample.status == ACTIVE)
+                .group_by(Sample.shard, Sample.slice)))
         total = 0
         for shard in range(self.config.shards):
-            sizes = [0] * self.config.slices
-            for smp in self.index.shard_samples(shard):
-                sizes[smp.slice] += smp.status == ACTIVE
             prefix = 0
-            for i, n in enumerate(sizes):
-                prefix += n
+            for i in range(self.config.slices):
+                prefix += counts.get((shard, i), 0)
                 total += epochs[i] * prefix if prefix >= 2 else 0
         return total
 
@@ -413,7 +425,7 @@ class Run:
             start_path, start_sha = ck.path, ck.sha256
         else:
             start_path = start_sha = None
-        recorded = {smp.id: smp.content_sha256 for smp in self.index.shard_samples(job.shard)}
+        recorded = self.index.content_hashes(job.shard)
         digest = hashlib.sha256("".join(recorded[x] for ids in job.slice_ids for x in ids).encode()).hexdigest()
         dataset = self.config.dataset
         if dataset.endswith(".csv"):
@@ -466,7 +478,7 @@ class Run:
                             f"e.g. {sorted(absent)[0]!r}")
         recorded = {}
         for job in jobs:
-            recorded.update({s.id: s.content_sha256 for s in self.index.shard_samples(job.shard)})
+            recorded.update(self.index.content_hashes(job.shard))
         hashes = data.train.sample_hashes()
         changed = [sid for sid, r in present.items() if hashes[r] != recorded[sid]]
         if changed:
@@ -584,8 +596,13 @@ class Run:
     def finish_requests(self) -> list[Request]:
         """Write a receipt for each journaled request and mark it done. Refuses while any live
         checkpoint was trained on data that is no longer retained: a request is never "done"
-        while a model still holds one of its samples."""
-        stale = self.shard_jobs()
+        while a model still holds one of its samples (checked on the shards that held them)."""
+        unfinished = [r.id for r in self.index.requests() if r.status != DONE]
+        if not unfinished:
+            return []
+        with self.index.transaction() as s:
+            held = set(s.scalars(select(Sample.shard).where(Sample.request_id.in_(unfinished)).distinct()))
+        stale = self.shard_jobs(held)
         if stale:
             raise SisaError(f"shards {[j.shard for j in stale]} are not retrained yet; run with --resume")
         finished = []

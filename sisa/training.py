@@ -46,19 +46,25 @@ def initial_state(cfg: RunConfig, shard: int, init: dict | None = None) -> dict:
             torch.manual_seed(derive_seed(cfg.seed, "init", shard))
             model = build_model(cfg.arch, cfg.channels, cfg.classes, cfg.width)
         return {"model": model.state_dict(), "optimizer": None}
-    from .backbone import initial_weights, is_trainable
+    from .backbone import initial_weights
 
-    state, _ = initial_weights(cfg.arch, cfg.channels, cfg.classes, cfg.seed, shard, cfg.trainable, init, cfg.width)
-    return {"model": {k: v for k, v in state.items() if is_trainable(k, cfg.trainable)}, "optimizer": None}
+    state, _ = initial_weights(cfg.arch, cfg.channels, cfg.classes, cfg.seed, shard, cfg.trainable, init, cfg.width,
+                               trainable_only=True)
+    return {"model": state, "optimizer": None}
 
 
 def build_trainable(cfg: RunConfig) -> torch.nn.Module:
-    """What a shard trains: the whole ResNet-18, or with a frozen trunk only its head."""
+    """What a shard trains: the whole ResNet-18, or with a frozen trunk only its head (to be
+    loaded with a state dict)."""
     if not cfg.frozen:
         return build_model(cfg.arch, cfg.channels, cfg.classes, cfg.width)
     from .backbone import build_parts
 
-    return build_parts(cfg.arch, cfg.channels, cfg.classes, cfg.trainable, width=cfg.width)[1]
+    # Built without weights (the meta device: no initialisation to pay for), then given real,
+    # uninitialised memory: every caller loads a state dict into it before use.
+    with torch.device("meta"):
+        head = build_parts(cfg.arch, cfg.channels, cfg.classes, cfg.trainable, width=cfg.width)[1]
+    return head.to_empty(device="cpu")
 
 
 def make_optimizer(cfg: RunConfig, model: torch.nn.Module) -> torch.optim.Optimizer:

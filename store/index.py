@@ -70,7 +70,7 @@ class Sample(Base):
     position: Mapped[int]
     content_sha256: Mapped[str | None]  # cleared on deletion: nothing of the sample stays
     status: Mapped[str] = mapped_column(default=ACTIVE)
-    request_id: Mapped[int | None] = mapped_column(ForeignKey("requests.id"))
+    request_id: Mapped[int | None] = mapped_column(ForeignKey("requests.id"), index=True)
     __table_args__ = (SqlIndex("ix_samples_place", "shard", "slice", "position"),)
 
 
@@ -170,6 +170,28 @@ class Index:
         with self.transaction() as s:
             q = select(Sample).where(Sample.shard == shard).order_by(Sample.slice, Sample.position)
             return list(s.scalars(q))
+
+    def retained_places(self, shards: Iterable[int] | None = None) -> list[tuple[int, int, str, int]]:
+        """(shard, slice, id, row) of every retained sample (of the given shards, or all), in training
+        order. Plain rows, not ORM objects: at 50,000 samples an object each costs seconds, and
+        every forget reads them."""
+        sql = "SELECT shard, slice, id, row FROM samples WHERE status = ?"
+        params: list = [ACTIVE]
+        if shards is not None:
+            shards = list(shards)
+            sql += f" AND shard IN ({', '.join('?' * len(shards))})"
+            params += shards
+        with self.transaction() as s:  # the driver's own cursor: SQLAlchemy's rows cost more than the query
+            cursor = s.connection().connection.cursor()
+            try:
+                return cursor.execute(sql + " ORDER BY shard, slice, position", params).fetchall()
+            finally:
+                cursor.close()
+
+    def content_hashes(self, shard: int) -> dict[str, str | None]:
+        """id -> recorded content sha256 of the shard's samples."""
+        with self.transaction() as s:
+            return dict(s.execute(select(Sample.id, Sample.content_sha256).where(Sample.shard == shard)).all())
 
     def checkpoints(self) -> dict[tuple[int, int], Checkpoint]:
         with self.transaction() as s:
