@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import json
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -89,6 +90,18 @@ class ShardProgress:
         self.bars.__exit__(*exc)
 
 
+@contextmanager
+def notices():
+    """Yields a function taking notes about slow steps ("loading fashion-mnist ..."). On a
+    terminal they show as a spinner line that vanishes when the command moves on, so an error
+    that follows stands alone on its line; piped to a log they are left out."""
+    if not err.is_terminal:
+        yield lambda message: None
+        return
+    with err.status("", spinner="dots") as status:
+        yield lambda message: status.update(escape(message))
+
+
 def load_data(run) -> None:
     """When there is training to do, pay its start-up now, before the command's clock starts:
     the training code's imports (torch, torchvision: seconds here) and, unless a frozen trunk's
@@ -97,8 +110,9 @@ def load_data(run) -> None:
         import sisa.executors  # noqa: F401
 
         if not run.config.frozen:
-            err.print(f"loading {run.config.dataset} ...", highlight=False, soft_wrap=True)
-            run.dataset()
+            with notices() as note:
+                note(f"loading {run.config.dataset} ...")
+                run.dataset()
 
 
 def executor_for(name: str, ray_address: str | None, gpus_per_task: float | None):
@@ -172,10 +186,12 @@ def train(
         cfg.validate()
         check_replaceable(run_dir, overwrite)  # before the data loads: a refusal comes at once
         runner = executor_for(executor, ray_address, gpus_per_task)
-        run = sisa.Run.create(run_dir, cfg, data_dir=data_dir or Path("data"), download=download,
-                              test_manifest=test_manifest, overwrite=overwrite, init_from=init_from,
-                              features_from=features_from,
-                              notify=lambda message: err.print(message, highlight=False, soft_wrap=True))
+        with notices() as note:
+            run = sisa.Run.create(run_dir, cfg, data_dir=data_dir or Path("data"), download=download,
+                                  test_manifest=test_manifest, overwrite=overwrite, init_from=init_from,
+                                  features_from=features_from, notify=note)
+        if run.init_notes:
+            err.print(run.init_notes, highlight=False, soft_wrap=True)
     with writer_lock(run.dir, "sisa train"):
         if resume:
             load_data(run)
@@ -231,7 +247,6 @@ def pretrain(
     from sisa.backbone import pretrain as run_pretrain
     from sisa.run import pick_device
 
-    err.print(f"loading {dataset} ...", highlight=False, soft_wrap=True)
     with ShardProgress(1) as bars:
         record = run_pretrain(dataset, data_dir, out, epochs, seed, batch_size, lr, pick_device(device), bars,
                               test_manifest, width)
@@ -361,12 +376,12 @@ def predict(
     # Everything a user can get wrong is checked before the models load (seconds).
     if aggregation not in ("vote", "mean"):
         raise UsageError(f"unknown aggregation {aggregation!r}: use vote or mean")
+    Run.open(run_dir).close()
     for p in images:
         if p.is_dir():
             raise UsageError(f"{p} is a directory, not an image file")
         if not p.is_file():
             raise UsageError(f"image not found: {p}")
-    Run.open(run_dir).close()
 
     import torch
     from sisa import Ensemble

@@ -120,6 +120,7 @@ class Run:
         self.data_dir = row.data_dir
         self.test_manifest = row.test_manifest
         self._dataset: Dataset | None = None
+        self.init_notes: str | None = None
 
     # --- opening and creating -----------------------------------------------------------
     @classmethod
@@ -139,7 +140,8 @@ class Run:
         `init_from`: an init weights file (`sisa pretrain`'s, or torchvision ResNet-18 weights);
         the run keeps a copy named by its sha256. With a frozen trunk (config.trainable layer4 or
         fc) every training sample's features are computed here, once, and cached in the index.
-        `notify` hears what takes a while (loading the data), once the input has been checked.
+        `notify` hears what takes a while (loading the data), once the input has been checked;
+        `init_notes` on the result says which tensors the init file gave.
         `features_from`: another frozen-trunk run over the same data with the same trunk, whose
         cached features are copied instead of computed again (a sweep over S pays for them once).
         The index is built in a sibling folder and renamed into place, so a crash never
@@ -164,11 +166,12 @@ class Run:
             notify(f"loading {config.dataset} ...")
         data = load_dataset(config.dataset, data_dir, download, test_manifest)
         config = _fit_to_data(config, data)
-        if init is not None and notify:
+        init_notes = None
+        if init is not None:
             from .backbone import describe_init, unfitted
 
             missing = unfitted(config.arch, config.channels, config.classes, init, config.width)
-            notify(f"init from {init_from} (sha256 {config.init_sha256[:12]}): {describe_init(missing)}")
+            init_notes = f"init from {init_from} (sha256 {config.init_sha256[:12]}): {describe_init(missing)}"
         n = len(data.train)
         if n < 2 * config.shards * config.slices:
             raise UsageError(f"{n} samples are too few for {config.shards} shards x {config.slices} slices "
@@ -214,6 +217,7 @@ class Run:
             shutil.rmtree(building, ignore_errors=True)
         run = cls.open(run_dir)
         run._dataset = data
+        run.init_notes = init_notes  # which tensors the init file gave, for the user
         return run
 
     @staticmethod

@@ -124,12 +124,24 @@ def test_resume_refuses_options_that_contradict_the_run(trained_run, digits_mani
 
 
 # --- 5: long runs say what they do --------------------------------------------------------
-def test_training_reports_loading_images_rate_and_time_left(tmp_path, digits_manifest):
+def test_training_reports_loading_images_rate_and_time_left(tmp_path, digits_manifest, monkeypatch):
+    import io
+
+    from rich.console import Console
+
+    import cli
+
+    terminal = io.StringIO()  # what a user at a terminal sees on stderr, control codes included
+    monkeypatch.setattr(cli, "err", Console(file=terminal, force_terminal=True, width=120))
     r = invoke("train", "--dataset", digits_manifest[0], "--shards", 1, "--slices", 2, "--epochs", 1, "--width", 8,
                "--batch-size", 64, "--device", "cpu", "--run-dir", tmp_path / "run")
     assert r.exit_code == 0, r.output
-    assert r.stderr.splitlines()[0].startswith("loading ")
-    assert "shard 0 slice 2/2" in r.stderr and "images" in r.stderr and "img/s" in r.stderr and "left" in r.stderr
+    seen = terminal.getvalue()
+    assert f"loading {digits_manifest[0]} ..." in seen, "a note while the data loads"
+    assert "shard 0 slice 2/2" in seen and "images" in seen and "img/s" in seen and "left" in seen
+    monkeypatch.undo()  # stderr a pipe again
+    piped = invoke("train", "--dataset", digits_manifest[0], "--run-dir", tmp_path / "run")
+    assert piped.stderr.count("\n") == 1, "the notes vanish: an error stands alone on its line"
 
 
 def test_progress_counts_samples_batch_by_batch(digits_manifest):
