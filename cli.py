@@ -261,7 +261,7 @@ def forget(
     ids: Annotated[Optional[Path], typer.Option("--ids", help="CSV with an `id` column (or `owner`: all their samples).")] = None,
     ignore_missing: Annotated[bool, typer.Option(help="Forget the known ids and skip ids not in the index.")] = False,
     resume: Annotated[bool, typer.Option(help="Finish an interrupted forget (no --ids needed).")] = False,
-    receipt_ids: Annotated[bool, typer.Option(help="Put the raw ids in the receipt (default: only their sha256).")] = False,
+    receipt_ids: Annotated[bool, typer.Option(help="Put the raw ids in the receipt (default: only their keyed hashes, HMAC-SHA256 under the run's secret.key).")] = False,
     run_dir: RunDir = Path("sisa-run"),
     device: Device = "auto",
     executor: ExecutorName = "local",
