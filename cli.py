@@ -154,6 +154,8 @@ def train(
     trainable: Annotated[Optional[str], typer.Option(help="What each shard trains: all, layer4 or fc. With layer4 or fc the trunk below is frozen (needs --init-from): features are computed once and forgets retrain only the head. \\[default: all]")] = None,
     crop_pad: Annotated[Optional[int], typer.Option(help="Random-crop padding in pixels. \\[default: per dataset]")] = None,
     flip: Annotated[Optional[bool], typer.Option("--flip/--no-flip", help="Random horizontal flips. \\[default: per dataset]")] = None,
+    precision: Annotated[Optional[str], typer.Option(help="Arithmetic: fp32, or bf16 (autocast and channels_last: about twice as fast on a GPU); auto picks bf16 when training on a CUDA GPU. Recorded in the run: every forget uses it too. \\[default: auto]")] = None,
+    deterministic: Annotated[Optional[bool], typer.Option("--deterministic/--no-deterministic", help="Deterministic CUDA kernels (slower): a forget then equals retraining from scratch bit for bit on the same GPU type, which `sisa audit --retrain` checks. CPU training is deterministic always. \\[default: no]")] = None,
     run_dir: RunDir = Path("sisa-run"),
     overwrite: Annotated[bool, typer.Option(help="Replace an existing run directory (only a SISA run or an empty folder).")] = False,
     resume: Annotated[bool, typer.Option(help="Finish training an existing run that was interrupted, as it was created.")] = False,
@@ -170,7 +172,8 @@ def train(
     from sisa.run import check_replaceable, writer_lock
 
     options = dict(shards=shards, slices=slices, epochs=epochs, seed=seed, batch_size=batch_size, lr=lr,
-                   width=width, trainable=trainable, crop_pad=crop_pad, flip=flip)
+                   width=width, trainable=trainable, crop_pad=crop_pad, flip=flip,
+                   precision=None if precision == "auto" else precision, deterministic=deterministic)
     if resume:
         if overwrite:
             raise sisa.UsageError("--resume finishes a run and --overwrite replaces it: pass one of them")
@@ -182,6 +185,8 @@ def train(
     else:
         if trainable not in (None, "all"):  # features are computed once: no augmentation unless asked
             options.update(crop_pad=0 if crop_pad is None else crop_pad, flip=False if flip is None else flip)
+        if options["precision"] is None:
+            options["precision"] = "bf16" if _trains_on_cuda(device, executor) else "fp32"
         cfg = sisa.config_for(dataset or "digits", **options)
         cfg.validate()
         check_replaceable(run_dir, overwrite)  # before the data loads: a refusal comes at once
@@ -206,6 +211,15 @@ def train(
                            f"({report.sample_epochs} sample-epochs"
                            + (f"; {n_reused} slice checkpoints reused from the interrupted run" if n_reused else "")
                            + f") in {report.seconds:.1f} s -> {run.dir}")
+
+
+def _trains_on_cuda(device: str, executor: str) -> bool:
+    """Whether shard jobs will run on a CUDA GPU (what --precision auto goes by)."""
+    if device == "cpu":
+        return False
+    import torch
+
+    return torch.cuda.is_available() and (executor == "gpus" or device.startswith("cuda") or device == "auto")
 
 
 def _refuse_conflicts(run, options: dict, dataset: str | None, data_dir: Path | None,
@@ -430,8 +444,9 @@ def evaluate(run_dir: RunDir = Path("sisa-run"), device: RunOn = "auto", as_json
 @app.command()
 @handles_errors
 def audit(
-    retrain: Annotated[Optional[str], typer.Option(help="Also retrain SHARD (or `all`) from scratch on the CPU and compare bit for bit.")] = None,
+    retrain: Annotated[Optional[str], typer.Option(help="Also retrain SHARD (or `all`) from scratch on --device and compare bit for bit (CPU runs match on any CPU; GPU runs on the same GPU type, when trained --deterministic).")] = None,
     repair: Annotated[bool, typer.Option(help="Rebuild corrupt or missing checkpoints from the last good one before them.")] = False,
+    device: Annotated[str, typer.Option("--device", help="Where --retrain and --repair train: cpu, cuda, cuda:N.")] = "cpu",
     run_dir: RunDir = Path("sisa-run"),
     as_json: JsonOut = False,
 ):
@@ -440,7 +455,7 @@ def audit(
     Exits 0 only when everything holds; each failure is named."""
     from sisa import Run, UsageError
     from sisa.audit import audit as run_audit
-    from sisa.run import writer_lock
+    from sisa.run import pick_device, writer_lock
 
     run = Run.open(run_dir)
     shards = range(run.config.shards)
@@ -452,11 +467,12 @@ def audit(
         chosen = [int(retrain)]
     else:
         raise UsageError(f"--retrain takes a shard 0..{run.config.shards - 1} or `all`, got {retrain!r}")
+    device = pick_device(device)
     if repair:
         with writer_lock(run.dir, "sisa audit --repair"):
-            report = run_audit(run, chosen, repair=True)
+            report = run_audit(run, chosen, repair=True, device=device)
     else:
-        report = run_audit(run, chosen)
+        report = run_audit(run, chosen, device=device)
     lines = [f"repaired: {r}" for r in report.repaired] + [f"FAIL {f}" for f in report.failures]
     verdict = "ok" if report.ok else f"{len(report.failures)} failures"
     emit(as_json, report.to_dict(), "\n".join(lines + [f"audit {verdict}: {report.checks} checks"

@@ -77,12 +77,12 @@ class Ensemble:
 
     @staticmethod
     def _load_model(path: Path, sha256: str, config: RunConfig, device) -> torch.nn.Module:
-        from .training import build_trainable
+        from .training import build_trainable, prepare
 
         state = load_checkpoint(path, sha256)
         model = build_trainable(config)  # the whole network, or the head on a frozen trunk
         model.load_state_dict(state["model"])
-        return model.to(device).eval()
+        return prepare(config, model.to(device)).eval()
 
     def current_generation(self) -> int:
         index = Index(self.run_dir / "index.sqlite")
@@ -102,14 +102,20 @@ class Ensemble:
 
     # --- prediction --------------------------------------------------------------------
     @torch.no_grad()
-    def constituent_logits(self, images: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
-        """Logits of every constituent, shape (models, N, classes)."""
+    def constituent_logits(self, images: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
+        """Logits of every constituent, shape (models, N, classes), each batch through every model
+        on the device in the run's precision (bf16 runs infer in bf16). The frozen trunk runs as
+        it did when the cached features were computed."""
+        from .training import forward
+
         self._check_shape(images)
+        batch_size = batch_size or (8192 if self.device.type == "cuda" else 1024)
         out = []
         for chunk in torch.split(images, batch_size):
-            x = self.trunk(chunk.to(self.device)) if self.trunk is not None else to_input(chunk.to(self.device))
-            out.append(torch.stack([m(x).float() for m in self.models]).cpu())
-        return torch.cat(out, dim=1)
+            chunk = chunk.to(self.device, non_blocking=True)
+            x = self.trunk(chunk) if self.trunk is not None else to_input(chunk)
+            out.append(torch.stack([forward(self.config, m, x) for m in self.models]))
+        return torch.cat(out, dim=1).cpu()
 
     def predict_proba(self, images: torch.Tensor) -> torch.Tensor:
         """(N, classes): the fraction of votes per class, or the mean softmax ("mean")."""

@@ -3,8 +3,9 @@
 For every live checkpoint: its file's sha256 matches the index; its lineage (the hash of the
 exact ordered ids it was trained on), recomputed from the index, holds no deleted sample; the
 chain of slices is complete; no superseded checkpoint file lingers. Every request is finished and
-its receipt intact. `retrain` additionally retrains shards from scratch on the CPU and compares
-every slice bit for bit. `repair` rebuilds corrupt or missing checkpoints from the last good
+its receipt intact. `retrain` additionally retrains shards from scratch on `device` and compares
+every slice bit for bit (a CPU-trained run matches on any CPU; a GPU-trained one on the same GPU
+type, when its config is deterministic). `repair` rebuilds corrupt or missing checkpoints from the last good
 checkpoint before them (deterministic training makes the rebuilt file byte-identical).
 """
 from __future__ import annotations
@@ -51,10 +52,10 @@ def state_equal(a, b) -> bool:
     return a == b
 
 
-def audit(run: Run, retrain: Iterable[int] = (), repair: bool = False) -> AuditReport:
+def audit(run: Run, retrain: Iterable[int] = (), repair: bool = False, device: str | torch.device = "cpu") -> AuditReport:
     if repair:
-        report = AuditReport(repaired=_repair(run))
-        result = audit(run, retrain)
+        report = AuditReport(repaired=_repair(run, device))
+        result = audit(run, retrain, device=device)
         result.repaired = report.repaired
         return result
     report = AuditReport()
@@ -119,7 +120,7 @@ def audit(run: Run, retrain: Iterable[int] = (), repair: bool = False) -> AuditR
         if any(k[0] == shard for k in bad_files):
             report.failures.append(f"shard {shard}: cannot compare with a retrain, its checkpoints are broken")
             continue
-        for res in run.train_from_scratch(shard, "cpu"):
+        for res in run.train_from_scratch(shard, device):
             report.checks += 1
             ck = live[(shard, res.slice)]
             saved = load_checkpoint(run.dir / ck.path, ck.sha256)
@@ -175,7 +176,7 @@ def _resume_command(run: Run) -> str:
     return "sisa forget --resume" if any(r.status != DONE for r in run.index.requests()) else "sisa train --resume"
 
 
-def _repair(run: Run) -> list[str]:
+def _repair(run: Run, device: str | torch.device = "cpu") -> list[str]:
     """Drop the index rows of each shard from its first corrupt or missing checkpoint on, then
     let `complete()` rebuild them from the last good one before it."""
     repaired = []
@@ -189,6 +190,6 @@ def _repair(run: Run) -> list[str]:
                 s.execute(Checkpoint.__table__.delete().where(Checkpoint.shard == shard, Checkpoint.slice >= i))
             repaired.append(f"shard {shard}: rebuilt slices {i}..{run.config.slices - 1}")
             break
-    run.complete("cpu")
+    run.complete(device)
     run.finish_requests()
     return repaired

@@ -33,6 +33,10 @@ class RunConfig:
     weight_decay: float = 5e-4
     warmup: float = 0.2  # fraction of each slice's steps spent warming up
     label_smoothing: float = 0.0
+    # arithmetic: bf16 autocast with channels_last (fast on GPUs) or plain fp32; `deterministic`
+    # asks CUDA for deterministic kernels, so a forget equals a retrain bit for bit on one GPU type
+    precision: str = "fp32"  # fp32 | bf16
+    deterministic: bool = False
     # augmentation, done on whole batches on the training device
     crop_pad: int = 1  # random-crop padding in pixels (0: no crop)
     flip: bool = False  # random horizontal flip (wrong for digits, right for clothes and CIFAR)
@@ -48,7 +52,8 @@ class RunConfig:
         """The fields that change the learned weights (dataset identity is hashed separately)."""
         fields = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("dataset", "class_names", "image_size", "feature_shape")}
         # Added later: at their defaults they are left out, so older runs keep their hash.
-        for name, default in (("width", 64), ("trainable", "all"), ("init_sha256", "")):
+        for name, default in (("width", 64), ("trainable", "all"), ("init_sha256", ""), ("precision", "fp32"),
+                              ("deterministic", False)):
             if fields[name] == default:
                 del fields[name]
         return fields
@@ -87,11 +92,16 @@ class RunConfig:
             raise UsageError(f"warmup must be in [0, 1), got {self.warmup}")
         if self.crop_pad < 0:
             raise UsageError(f"crop padding must be >= 0, got {self.crop_pad}")
+        if self.precision not in PRECISIONS:
+            raise UsageError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.trainable not in ("all", "layer4", "fc"):
             raise UsageError(f"--trainable must be all, layer4 or fc, got {self.trainable!r}")
         if self.frozen and (self.crop_pad or self.flip):
             raise UsageError(f"--trainable {self.trainable} trains on features computed once, so it takes no "
                              "augmentation: pass --crop-pad 0 --no-flip")
+
+
+PRECISIONS = ("fp32", "bf16")
 
 
 # Per-dataset defaults for augmentation: digits must not be flipped; clothes and CIFAR may.

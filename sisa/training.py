@@ -12,7 +12,9 @@ and never touches the index, so it can run in another process or on another mach
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -103,6 +105,46 @@ def augment(images: torch.Tensor, pad: int, flip: bool, gen: torch.Generator) ->
     return images
 
 
+@contextmanager
+def numerics(cfg: RunConfig, device: torch.device):
+    """The CUDA switches a config asks for, set for one job and restored after it: cudnn's
+    autotuner (fastest kernels, picked by timing, so not reproducible) unless the run is
+    deterministic; with `deterministic`, deterministic kernels only. cuBLAS reads its workspace
+    setting once per process: a process that trains deterministic runs should have
+    CUBLAS_WORKSPACE_CONFIG set before its first CUDA call (set here if not, for worker processes).
+    The CPU needs none of this: its kernels are deterministic already."""
+    if device.type != "cuda":
+        yield
+        return
+    saved = torch.backends.cudnn.benchmark, torch.are_deterministic_algorithms_enabled()
+    if cfg.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.backends.cudnn.benchmark = not cfg.deterministic
+    torch.use_deterministic_algorithms(cfg.deterministic)
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = saved[0]
+        torch.use_deterministic_algorithms(saved[1])
+
+
+def forward(cfg: RunConfig, model: torch.nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+    """The model's logits (fp32) under the run's precision. bf16 runs the network under autocast
+    with channels_last images (the layout tensor cores want); fp32 is the plain call, so its
+    results are bitwise what they always were."""
+    if cfg.precision != "bf16":
+        return model(inputs)
+    if inputs.ndim == 4:
+        inputs = inputs.contiguous(memory_format=torch.channels_last)
+    with torch.autocast(inputs.device.type, dtype=torch.bfloat16):
+        return model(inputs).float()
+
+
+def prepare(cfg: RunConfig, model: torch.nn.Module) -> torch.nn.Module:
+    """The model in the memory layout its precision runs best in (see `forward`)."""
+    return model.to(memory_format=torch.channels_last) if cfg.precision == "bf16" else model
+
+
 def train_step(cfg: RunConfig, model: torch.nn.Module, opt: torch.optim.Optimizer,
                images: torch.Tensor, labels: torch.Tensor, epochs: int, gen: torch.Generator,
                on_batch: Callable[[int], None] | None = None) -> None:
@@ -122,7 +164,7 @@ def train_step(cfg: RunConfig, model: torch.nn.Module, opt: torch.optim.Optimize
             for group in opt.param_groups:
                 group["lr"] = lr_at(cfg, epoch * n_batches + b, total)
             inputs = to_input(xb) if xb.dtype == torch.uint8 else xb  # images, or a frozen trunk's features
-            loss = F.cross_entropy(model(inputs), yb, label_smoothing=cfg.label_smoothing)
+            loss = F.cross_entropy(forward(cfg, model, inputs), yb, label_smoothing=cfg.label_smoothing)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -139,9 +181,15 @@ def run_shard_job(cfg: RunConfig, job: ShardJob, state: dict, images: torch.Tens
     state), yielding each slice's resulting state as soon as it exists. `images` are uint8
     images, or with a frozen trunk the cached float features, indexed by job.slice_rows."""
     device = torch.device(device)
+    with numerics(cfg, device):
+        yield from _run_shard_job(cfg, job, state, images, labels, device, progress)
+
+
+def _run_shard_job(cfg, job, state, images, labels, device, progress):
     epochs = slice_epochs(cfg.slices, cfg.epochs)
     model = build_trainable(cfg).to(device)
     model.load_state_dict(state["model"])
+    model = prepare(cfg, model)
     opt_state = state["optimizer"]
     sizes = [sum(len(s) for s in job.slice_rows[: i + 1]) for i in range(cfg.slices)]
     total = sum(epochs[i] * sizes[i] for i in range(job.start, cfg.slices) if sizes[i] >= 2)
@@ -165,15 +213,15 @@ def run_shard_job(cfg: RunConfig, job: ShardJob, state: dict, images: torch.Tens
             done += trained
         elif progress:
             progress(job.shard, i, done, total)
-        state = {"model": {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()},
+        state = {"model": {k: _cpu_copy(v) for k, v in model.state_dict().items()},
                  "optimizer": _cpu_copy(opt.state_dict())}
         opt_state = state["optimizer"]
         yield SliceResult(job.shard, i, state, ids, trained)
 
 
 def _cpu_copy(obj):
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, torch.Tensor):  # saved in the standard layout, whatever layout trained
+        return obj.detach().to("cpu", memory_format=torch.contiguous_format, copy=True)
     if isinstance(obj, dict):
         return {k: _cpu_copy(v) for k, v in obj.items()}
     if isinstance(obj, list):

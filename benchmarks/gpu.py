@@ -1,0 +1,374 @@
+"""GPU speed of the whole pipeline, every figure a ratio to a baseline measured in the same stage.
+
+    python -m benchmarks.gpu --list-stages
+    python -m benchmarks.gpu --stage step --stage sisa            # one device call, ~5 min on an H100
+    python -m benchmarks.gpu --stage determinism --stage compile  # a second one, ~4 min
+    python -m benchmarks.gpu --smoke                              # every stage, tiny, on the CPU
+
+Each stage runs in its own process (no backend switch or cuBLAS setting leaks from one into the
+next) and merges its section into `<results-dir>/<name>.json` as soon as it ends, so a table is
+built over several short device calls and a stage that failed is simply run again.
+
+Stages (Fashion-MNIST, ResNet-18 with the 3x3 stem, batch 512 unless said):
+- step: the bare training step (a model, an optimiser, one pre-normalised batch on the device)
+  against the project's training loop (`sisa.training.train_step`: the device-resident data set,
+  crops and flips on whole batches, the learning-rate schedule) in fp32 and in bf16 +
+  channels_last; bare inference.
+- sisa: full SISA training (S=5, R=10) against monolithic training (S=1, R=1) with the same
+  recipe, through the library as a user calls it (index, checkpoints written, fsynced and
+  hashed); accuracy of both, and of monolithic fp32 against bf16; forgets of 1 and 8 random ids
+  against monolithic retraining and the SISA cost model; ensemble prediction against S times
+  bare single-model inference.
+- determinism: `deterministic=True` against the default (training time), and whether a forget
+  equals retraining the shard from scratch bit for bit on this GPU, in both modes.
+- compile: `torch.compile` of the bare step, to see whether it is worth adopting.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import sisa
+from sisa.data import load_dataset
+from sisa.model import build_model, to_input
+from sisa.run import pick_device
+from sisa.training import train_step
+
+from .common import RESULTS, environment, write_results
+from .unlearning import batch_cost_model
+
+STAGES = ("step", "sisa", "determinism", "compile")
+
+
+@dataclass(frozen=True)
+class Setting:
+    dataset: str = "fashion-mnist"
+    width: int = 64
+    batch: int = 512
+    lr: float = 0.2  # peak, for batch 512 (the default 0.05 is for batch 64)
+    epochs: int = 10  # monolithic epochs; SISA's slices share 2R/(R+1) times as many
+    shards: int = 5
+    slices: int = 10
+    steps: int = 60  # timed bare steps (after warm-up)
+    pipeline_rows: int = 30_000  # rows the training loop's rate is measured on
+    det_epochs: int = 4  # the determinism stage's shorter runs
+    det_slices: int = 4
+
+
+FULL = Setting()
+SMOKE = Setting(dataset="digits", width=8, batch=64, lr=0.05, epochs=2, shards=2, slices=2, steps=3,
+                pipeline_rows=300, det_epochs=1, det_slices=2)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device: torch.device):
+    sync(device)
+    start = time.perf_counter()
+    out = fn()
+    sync(device)
+    return out, time.perf_counter() - start
+
+
+def config(st: Setting, **kw) -> sisa.RunConfig:
+    base = dict(shards=st.shards, slices=st.slices, epochs=st.epochs, batch_size=st.batch, lr=st.lr,
+                width=st.width, precision="bf16", seed=0)
+    base.update(kw)
+    return sisa.config_for(st.dataset, **base)
+
+
+# --- step: the bare model step against the project's loop ------------------------------------------
+def bare_rates(st: Setting, device: torch.device, precision: str, shape: tuple[int, ...], steps: int | None = None,
+               compiled: bool = False) -> dict:
+    """Images/s of the bare training step and of bare inference: nothing but the model's work."""
+    bf16 = precision == "bf16"
+    fmt = torch.channels_last if bf16 else torch.contiguous_format
+    torch.manual_seed(0)
+    model = build_model("resnet18", shape[0], 10, st.width).to(device).to(memory_format=fmt)
+    if compiled:
+        model = torch.compile(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    x = torch.randn(st.batch, *shape, device=device).contiguous(memory_format=fmt)
+    y = torch.randint(0, 10, (st.batch,), device=device)
+
+    def step():
+        with torch.autocast(device.type, torch.bfloat16, enabled=bf16):
+            loss = F.cross_entropy(model(x).float(), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    steps = steps or st.steps
+    for _ in range(5):
+        step()
+    _, t = timed(lambda: [step() for _ in range(steps)], device)
+    model.eval()
+    xi = torch.randn(4 * st.batch, *shape, device=device).contiguous(memory_format=fmt)
+    with torch.no_grad(), torch.autocast(device.type, torch.bfloat16, enabled=bf16):
+        model(xi)
+        _, ti = timed(lambda: [model(xi) for _ in range(max(2, steps // 4))], device)
+    return {"train_images_per_s": steps * st.batch / t, "infer_images_per_s": max(2, steps // 4) * len(xi) / ti}
+
+
+def pipeline_rate(st: Setting, device: torch.device, precision: str, images, labels) -> float:
+    """Images/s of `sisa.training.train_step` over `pipeline_rows` rows already on the device."""
+    cfg = config(st, precision=precision)
+    from sisa.training import make_optimizer, numerics, prepare
+
+    with numerics(cfg, device):
+        torch.manual_seed(0)
+        model = prepare(cfg, build_model("resnet18", images.shape[1], 10, st.width).to(device))
+        opt = make_optimizer(cfg, model)
+        gen = torch.Generator().manual_seed(0)
+        x, y = images[: st.pipeline_rows].to(device), labels[: st.pipeline_rows].to(device)
+        train_step(cfg, model, opt, x[: 4 * st.batch], y[: 4 * st.batch], 1, gen)  # warm-up, autotuning
+        _, t = timed(lambda: train_step(cfg, model, opt, x, y, 2, gen), device)
+    return 2 * len(y) / t
+
+
+def stage_step(st: Setting, device: torch.device, data_dir: str) -> dict:
+    data = load_dataset(st.dataset, data_dir)
+    torch.backends.cudnn.benchmark = device.type == "cuda"
+    out = {"batch": st.batch, "images": list(data.train.images.shape[1:])}
+    for precision in ("fp32", "bf16"):
+        bare = bare_rates(st, device, precision, tuple(data.train.images.shape[1:]))
+        loop = pipeline_rate(st, device, precision, data.train.images, data.train.labels)
+        out[precision] = {"bare_train_images_per_s": round(bare["train_images_per_s"]),
+                          "bare_infer_images_per_s": round(bare["infer_images_per_s"]),
+                          "pipeline_images_per_s": round(loop),
+                          "pipeline_over_bare": round(loop / bare["train_images_per_s"], 3)}
+    out["bf16_over_fp32_pipeline"] = round(out["bf16"]["pipeline_images_per_s"] / out["fp32"]["pipeline_images_per_s"], 3)
+    return out
+
+
+# --- sisa: the whole pipeline, as a user runs it -----------------------------------------------------
+def train_run(run_dir: Path, cfg: sisa.RunConfig, device: torch.device, data_dir: str) -> tuple[sisa.Run, dict]:
+    (run, t_create) = timed(lambda: sisa.Run.create(run_dir, cfg, data_dir=data_dir), device)
+    report, t_train = timed(lambda: run.complete(str(device)), device)
+    acc = sisa.evaluate(run_dir, device=device)
+    return run, {"seconds": round(t_train, 2), "create_seconds": round(t_create, 2),
+                 "sample_epochs": report.sample_epochs,
+                 "seconds_per_million_sample_epochs": round(1e6 * t_train / report.sample_epochs, 3),
+                 "accuracy_vote": round(100 * acc["ensemble_vote"], 2),
+                 "accuracy_mean": round(100 * acc["ensemble_mean"], 2),
+                 "constituents": {k: round(100 * v, 2) for k, v in acc["constituents"].items()}}
+
+
+def stage_sisa(st: Setting, device: torch.device, data_dir: str, work: Path) -> dict:
+    out = {"recipe": {"dataset": st.dataset, "epochs": st.epochs, "batch": st.batch, "lr": st.lr, "width": st.width,
+                      "shards": st.shards, "slices": st.slices}}
+    mono_run, out["monolithic_bf16"] = train_run(work / "mono", config(st, shards=1, slices=1), device, data_dir)
+    mono_run.close()
+    shutil.rmtree(work / "mono")
+    fp32_run, out["monolithic_fp32"] = train_run(work / "mono32", config(st, shards=1, slices=1, precision="fp32"),
+                                                 device, data_dir)
+    fp32_run.close()
+    shutil.rmtree(work / "mono32")
+    run, out["sisa_bf16"] = train_run(work / "sisa", config(st), device, data_dir)
+    mono, full = out["monolithic_bf16"], out["sisa_bf16"]
+    out["sisa_over_monolithic_time"] = round(full["seconds"] / mono["seconds"], 3)
+    out["sisa_over_monolithic_per_sample_epoch"] = round(
+        full["seconds_per_million_sample_epochs"] / mono["seconds_per_million_sample_epochs"], 3)
+
+    # forgets: 1 id, then 8 others in one request, each against retraining the monolithic model
+    S, R = st.shards, st.slices
+    rng = np.random.default_rng(1)
+    ids = [run.dataset().train.ids[i] for i in rng.choice(len(run.dataset().train), 9, replace=False)]
+    out["forgets"] = []
+    for batch, model_fraction in ((ids[:1], (1 / S) * (2 / 3 + 1 / (3 * R))), (ids[1:], batch_cost_model(S, R, 8))):
+        rep, t = timed(lambda b=batch: run.forget(ids=b, device=str(device)), device)
+        realised = rep.sample_epochs / rep.full_sample_epochs
+        out["forgets"].append({
+            "ids": len(batch), "seconds": round(t, 2), "slices_retrained": {str(k): v for k, v in rep.slices_retrained.items()},
+            "sample_epoch_fraction": round(realised, 4), "cost_model_fraction": round(model_fraction, 4),
+            "speedup_over_monolithic_retrain": round(mono["seconds"] / t, 2),
+            # what the cost model predicts for this request: monolithic sample-epochs over the forget's
+            "predicted_speedup_cost_model": round(mono["sample_epochs"] / (model_fraction * rep.full_sample_epochs), 2),
+            "predicted_speedup_realised_draw": round(mono["sample_epochs"] / max(1, rep.sample_epochs), 2)})
+        f = out["forgets"][-1]
+        f["measured_over_predicted_realised"] = round(f["speedup_over_monolithic_retrain"] / f["predicted_speedup_realised_draw"], 3)
+        f["measured_over_predicted_cost_model"] = round(f["speedup_over_monolithic_retrain"] / f["predicted_speedup_cost_model"], 3)
+
+    # prediction: the ensemble (S models, one call) against bare single-model inference, same images
+    ens = sisa.Ensemble.load(run.dir, device=device)
+    images = run.dataset().train.images
+    ens.predict(images[: 2 * st.batch])  # warm-up
+    _, t_ens = timed(lambda: ens.predict(images), device)
+    single = ens.models[0]
+    from sisa.training import forward
+
+    with torch.no_grad():
+        chunks = torch.split(images, 8192 if device.type == "cuda" else 1024)
+        forward(run.config, single, to_input(chunks[0].to(device)))
+
+        def bare():
+            for c in chunks:
+                forward(run.config, single, to_input(c.to(device)))
+        _, t_one = timed(bare, device)
+    out["predict"] = {"images": len(images), "ensemble_images_per_s": round(len(images) / t_ens),
+                      "single_model_images_per_s": round(len(images) / t_one),
+                      "ensemble_over_single_div_S": round((len(images) / t_ens) / (len(images) / t_one / len(ens.models)), 3)}
+    run.close()
+    return out
+
+
+# --- determinism: its cost, and whether a forget then equals a retrain bit for bit -------------------
+def stage_determinism(st: Setting, device: torch.device, data_dir: str, work: Path) -> dict:
+    from sisa.audit import audit
+
+    out = {"shards": st.shards, "slices": st.det_slices, "epochs": st.det_epochs}
+    for det in (False, True):
+        cfg = config(st, epochs=st.det_epochs, slices=st.det_slices, deterministic=det)
+        run, res = train_run(work / f"det{det}", cfg, device, data_dir)
+        victim = run.retained(0)[1][st.det_slices // 2][0]  # shard 0, a middle slice
+        _, t_forget = timed(lambda: run.forget(ids=[victim], device=str(device)), device)
+        report = audit(run, retrain=[0], device=device)
+        res.update(forget_seconds=round(t_forget, 2), forget_equals_retrain=report.ok, audit_failures=report.failures[:3])
+        out["deterministic" if det else "default"] = res
+        run.close()
+        shutil.rmtree(work / f"det{det}")
+    out["deterministic_over_default_time"] = round(out["deterministic"]["seconds"] / out["default"]["seconds"], 3)
+    return out
+
+
+# --- compile: is torch.compile worth it for the bare step? -------------------------------------------
+def stage_compile(st: Setting, device: torch.device, data_dir: str, work: Path) -> dict:
+    torch.backends.cudnn.benchmark = device.type == "cuda"
+    shape = tuple(load_dataset(st.dataset, data_dir).train.images.shape[1:])
+    eager = bare_rates(st, device, "bf16", shape)
+    start = time.perf_counter()
+    compiled = bare_rates(st, device, "bf16", shape, compiled=True)  # its warm-up steps compile
+    compile_s = time.perf_counter() - start - st.steps * st.batch / compiled["train_images_per_s"]
+    return {"eager_train_images_per_s": round(eager["train_images_per_s"]),
+            "compiled_train_images_per_s": round(compiled["train_images_per_s"]),
+            "compiled_over_eager_train": round(compiled["train_images_per_s"] / eager["train_images_per_s"], 3),
+            "eager_infer_images_per_s": round(eager["infer_images_per_s"]),
+            "compiled_infer_images_per_s": round(compiled["infer_images_per_s"]),
+            "compile_seconds": round(compile_s, 1)}
+
+
+# --- results -------------------------------------------------------------------------------------------
+def markdown(res: dict) -> str:
+    lines = [f"# GPU speed: {res['environment']['hardware']}", ""]
+    if s := res.get("step"):
+        lines += [f"## Training step: the project's loop against the bare model step (batch {s['batch']}, "
+                  f"images {'x'.join(map(str, s['images']))})", "",
+                  "| precision | bare step img/s | project loop img/s | loop / bare | bare inference img/s |", "|---|---|---|---|---|"]
+        lines += [f"| {p} | {s[p]['bare_train_images_per_s']:,} | {s[p]['pipeline_images_per_s']:,} | "
+                  f"**{s[p]['pipeline_over_bare']:.2f}** | {s[p]['bare_infer_images_per_s']:,} |" for p in ("fp32", "bf16")]
+        lines += ["", f"bf16 loop / fp32 loop: {s['bf16_over_fp32_pipeline']:.2f}x", ""]
+    if s := res.get("sisa"):
+        r = s["recipe"]
+        lines += [f"## SISA (S={r['shards']}, R={r['slices']}) against one monolithic model, {r['dataset']}, "
+                  f"{r['epochs']} epochs, batch {r['batch']}, peak lr {r['lr']}", "",
+                  "| run | train s | sample-epochs | s per 1M sample-epochs | test acc (vote / mean) |", "|---|---|---|---|---|"]
+        for key, name in (("monolithic_fp32", "monolithic, fp32"), ("monolithic_bf16", "monolithic, bf16"), ("sisa_bf16", "SISA, bf16")):
+            m = s[key]
+            lines.append(f"| {name} | {m['seconds']:.1f} | {m['sample_epochs']:,} | {m['seconds_per_million_sample_epochs']:.2f} | "
+                         f"{m['accuracy_vote']:.2f}% / {m['accuracy_mean']:.2f}% |")
+        lines += ["", f"SISA / monolithic: **{s['sisa_over_monolithic_per_sample_epoch']:.2f}x** per sample-epoch "
+                      f"({s['sisa_over_monolithic_time']:.2f}x in wall time). Wall times include the index, every "
+                      "checkpoint written, fsynced and hashed.", "",
+                  "| forget | wall s | speed-up over monolithic retrain | cost model's speed-up | measured / model | "
+                  "this draw's sample-epoch speed-up | measured / draw |", "|---|---|---|---|---|---|---|"]
+        for f in s["forgets"]:
+            lines.append(f"| {f['ids']} id{'s' if f['ids'] > 1 else ''} | {f['seconds']:.2f} | {f['speedup_over_monolithic_retrain']:.1f}x | "
+                         f"{f['predicted_speedup_cost_model']:.1f}x | **{f['measured_over_predicted_cost_model']:.2f}** | "
+                         f"{f['predicted_speedup_realised_draw']:.1f}x | {f['measured_over_predicted_realised']:.2f} |")
+        p = s["predict"]
+        lines += ["", f"Ensemble prediction: {p['ensemble_images_per_s']:,} img/s over {p['images']:,} images; one "
+                      f"constituent alone {p['single_model_images_per_s']:,} img/s; ensemble / (single / S) = "
+                      f"**{p['ensemble_over_single_div_S']:.2f}**.", ""]
+    if s := res.get("determinism"):
+        lines += [f"## Deterministic mode (S={s['shards']}, R={s['slices']}, {s['epochs']} epochs)", "", "| mode | train s | forget s | forget equals retrain bit for bit |",
+                  "|---|---|---|---|"]
+        for key in ("default", "deterministic"):
+            m = s[key]
+            lines.append(f"| {key} | {m['seconds']:.1f} | {m['forget_seconds']:.2f} | {'yes' if m['forget_equals_retrain'] else 'no'} |")
+        lines += ["", f"deterministic / default training time: **{s['deterministic_over_default_time']:.2f}x**", ""]
+    if s := res.get("compile"):
+        lines += ["## torch.compile of the bare bf16 step", "",
+                  f"eager {s['eager_train_images_per_s']:,} img/s, compiled {s['compiled_train_images_per_s']:,} img/s "
+                  f"(**{s['compiled_over_eager_train']:.2f}x**, {s['compile_seconds']:.0f} s to compile); inference "
+                  f"{s['eager_infer_images_per_s']:,} vs {s['compiled_infer_images_per_s']:,} img/s.", ""]
+    for stage, why in res.get("failed", {}).items():
+        lines += [f"Stage `{stage}` failed: {why}", ""]
+    return "\n".join(lines)
+
+
+def run_stage(name: str, st: Setting, device: torch.device, data_dir: str) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        if name == "step":
+            return stage_step(st, device, data_dir)
+        return {"sisa": stage_sisa, "determinism": stage_determinism, "compile": stage_compile}[name](
+            st, device, data_dir, Path(tmp))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--stage", action="append", choices=STAGES, help="run this stage (repeatable; default: all)")
+    ap.add_argument("--list-stages", action="store_true")
+    ap.add_argument("--smoke", action="store_true", help="every stage, tiny, on whatever device there is")
+    ap.add_argument("--data-dir", default=str(Path(__file__).resolve().parents[2] / "shared" / "datasets"))
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--results-dir", type=Path, default=RESULTS)
+    ap.add_argument("--name", default=None, help="results name (default gpu_<device>)")
+    ap.add_argument("--in-process", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.list_stages:
+        print("\n".join(STAGES))
+        return
+    device = pick_device(args.device)
+    st = SMOKE if args.smoke else FULL
+    if args.in_process:  # one stage, in a process of its own; prints its section as JSON
+        (stage,) = args.stage
+        if stage == "determinism":
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        print("RESULT " + json.dumps(run_stage(stage, st, device, args.data_dir)))
+        return
+    name = args.name or ("gpu_smoke" if args.smoke else "gpu_" + (torch.cuda.get_device_name(0).split()[1].lower()
+                                                                    if device.type == "cuda" else "cpu"))
+    path = args.results_dir / f"{name}.json"
+    res = json.loads(path.read_text()) if path.exists() else {}
+    for stage in args.stage or STAGES:
+        cmd = [sys.executable, "-m", "benchmarks.gpu", "--in-process", "--stage", stage, "--data-dir", args.data_dir,
+               "--device", str(device)] + (["--smoke"] if args.smoke else [])
+        env = dict(os.environ, **({"CUBLAS_WORKSPACE_CONFIG": ":4096:8"} if stage == "determinism" else {}))
+        start = time.perf_counter()
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=Path(__file__).resolve().parents[1])
+        found = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+        res.setdefault("failed", {}).pop(stage, None)
+        res.pop(stage, None)
+        if proc.returncode == 0 and found:
+            res[stage] = json.loads(found[-1][len("RESULT "):])
+            res[stage]["stage_seconds"] = round(time.perf_counter() - start, 1)
+        else:
+            res["failed"][stage] = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+            print(proc.stderr[-3000:], file=sys.stderr)
+        if not res["failed"]:
+            del res["failed"]
+        res["environment"] = environment()
+        res["environment"]["device"] = str(device)
+        write_results(name, res, markdown(res), args.results_dir)
+        print(f"stage {stage}: {'ok' if stage in res and stage not in res.get('failed', {}) else 'FAILED'} "
+              f"in {time.perf_counter() - start:.0f} s", flush=True)
+    print(markdown(res))
+
+
+if __name__ == "__main__":
+    main()

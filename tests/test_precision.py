@@ -1,0 +1,92 @@
+"""bf16 autocast with channels_last, and the deterministic flag: both are part of the recipe (the
+config hash), both code paths run on the CPU, and a bf16 run forgets exactly like an fp32 one."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import sisa
+from cli import app
+from sisa.audit import audit
+from sisa.training import forward, prepare
+from store.checkpoints import load_checkpoint
+
+from .conftest import small_config
+
+
+def test_defaults_keep_the_config_hash_and_new_settings_change_it(digits_manifest):
+    base = small_config(digits_manifest[0])
+    # the hash older runs recorded: fields at their defaults are left out of it
+    assert "precision" not in base.training_fields() and "deterministic" not in base.training_fields()
+    assert small_config(digits_manifest[0], precision="bf16").config_hash != base.config_hash
+    assert small_config(digits_manifest[0], deterministic=True).config_hash != base.config_hash
+    with pytest.raises(sisa.UsageError, match="precision"):
+        small_config(digits_manifest[0], precision="fp16").validate()
+
+
+def test_bf16_forward_runs_under_autocast_in_channels_last():
+    cfg = sisa.RunConfig(precision="bf16", channels=1, classes=10, width=8)
+    seen = {}
+    model = prepare(cfg, torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.Flatten(), torch.nn.Linear(4 * 6 * 6, 10)))
+    model[0].register_forward_hook(lambda m, i, o: seen.update(input=i[0], output=o))
+    x = torch.randn(2, 1, 8, 8)
+    logits = forward(cfg, model, x)
+    assert seen["input"].is_contiguous(memory_format=torch.channels_last)
+    assert seen["output"].dtype == torch.bfloat16 and logits.dtype == torch.float32
+    fp32 = sisa.RunConfig(channels=1, classes=10)
+    assert forward(fp32, model, x).dtype == torch.float32 and not torch.equal(forward(fp32, model, x), logits)
+
+
+@pytest.fixture(scope="module")
+def bf16_template(tmp_path_factory, digits_manifest):
+    train_csv, test_csv = digits_manifest
+    run_dir = tmp_path_factory.mktemp("bf16") / "run"
+    sisa.train(run_dir, small_config(train_csv, precision="bf16", shards=2, slices=2, epochs=6), test_manifest=test_csv).close()
+    return run_dir
+
+
+def test_bf16_run_trains_other_weights_saves_standard_layout_and_forgets_exactly(bf16_template, trained_template, tmp_path):
+    import shutil
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(bf16_template, run_dir)
+    run = sisa.Run.open(run_dir)
+    ck = run.index.checkpoints()[(0, 1)]
+    state = load_checkpoint(run_dir / ck.path, ck.sha256)
+    conv = state["model"]["conv1.weight"]
+    assert conv.dtype == torch.float32 and conv.is_contiguous()  # loads anywhere, in any precision
+    fp32_run = sisa.Run.open(trained_template)
+    fp32_ck = fp32_run.index.checkpoints()[(0, 0)]
+    assert not torch.equal(load_checkpoint(trained_template / fp32_ck.path, fp32_ck.sha256)["model"]["conv1.weight"],
+                           load_checkpoint(run_dir / run.index.checkpoints()[(0, 0)].path,
+                                           run.index.checkpoints()[(0, 0)].sha256)["model"]["conv1.weight"])
+    fp32_run.close()
+    victim = run.retained(1)[1][1][0]  # shard 1, slice 1: retrain one slice
+    run.forget(ids=[victim])
+    report = audit(run, retrain=[0, 1])
+    assert report.ok, report.failures
+    assert sisa.evaluate(run_dir)["ensemble_vote"] > 0.4  # it learned (fp32 with these settings: 73%)
+    run.close()
+
+
+def test_cli_records_precision_and_determinism(digits_manifest, tmp_path):
+    train_csv, test_csv = digits_manifest
+    run_dir = tmp_path / "run"
+    res = CliRunner().invoke(app, ["train", "--dataset", str(train_csv), "--test-manifest", str(test_csv),
+                                   "--shards", "2", "--slices", "1", "--epochs", "1", "--width", "8",
+                                   "--deterministic", "--run-dir", str(run_dir), "--device", "cpu", "--json"])
+    assert res.exit_code == 0, res.output
+    status = json.loads(CliRunner().invoke(app, ["status", "--run-dir", str(run_dir), "--json"]).stdout)
+    assert status["config"]["deterministic"] is True
+    assert status["config"]["precision"] == "fp32"  # auto on a CPU
+    res = CliRunner().invoke(app, ["train", "--resume", "--precision", "bf16", "--run-dir", str(run_dir)])
+    assert res.exit_code == 2 and "--precision bf16 (the run has fp32)" in res.output
+    res = CliRunner().invoke(app, ["train", "--dataset", str(train_csv), "--precision", "fp16",
+                                   "--run-dir", str(tmp_path / "other")])
+    assert res.exit_code == 2 and "--precision must be one of fp32, bf16" in res.output
+    assert not (tmp_path / "other").exists()
+    res = CliRunner().invoke(app, ["audit", "--run-dir", str(run_dir), "--retrain", "1", "--device", "cpu"])
+    assert res.exit_code == 0, res.output
