@@ -125,12 +125,13 @@ def bare_rates(st: Setting, device: torch.device, precision: str, shape: tuple[i
     return {"train_images_per_s": steps * st.batch / t, "infer_images_per_s": max(2, steps // 4) * len(xi) / ti}
 
 
-def pipeline_rate(st: Setting, device: torch.device, precision: str, images, labels) -> float:
-    """Images/s of `sisa.training.train_step` over `pipeline_rows` rows already on the device."""
+def pipeline_rate(st: Setting, device: torch.device, precision: str, images, labels, autotune: bool = False) -> float:
+    """Images/s of `sisa.training.train_step` over `pipeline_rows` rows already on the device
+    (`autotune`: with cudnn's autotuner on, which the library leaves off)."""
     cfg = config(st, precision=precision)
     from sisa.training import make_optimizer, numerics, prepare
 
-    with numerics(cfg, device):
+    with numerics(cfg, device, autotune):
         torch.manual_seed(0)
         model = prepare(cfg, build_model("resnet18", images.shape[1], 10, st.width).to(device))
         opt = make_optimizer(cfg, model)
@@ -148,10 +149,13 @@ def stage_step(st: Setting, device: torch.device, data_dir: str) -> dict:
     for precision in ("fp32", "bf16"):
         bare = bare_rates(st, device, precision, tuple(data.train.images.shape[1:]))
         loop = pipeline_rate(st, device, precision, data.train.images, data.train.labels)
+        tuned = pipeline_rate(st, device, precision, data.train.images, data.train.labels, autotune=True)
         out[precision] = {"bare_train_images_per_s": round(bare["train_images_per_s"]),
                           "bare_infer_images_per_s": round(bare["infer_images_per_s"]),
                           "pipeline_images_per_s": round(loop),
-                          "pipeline_over_bare": round(loop / bare["train_images_per_s"], 3)}
+                          "pipeline_over_bare": round(loop / bare["train_images_per_s"], 3),
+                          "pipeline_autotuned_images_per_s": round(tuned),
+                          "pipeline_autotuned_over_bare": round(tuned / bare["train_images_per_s"], 3)}
     out["bf16_over_fp32_pipeline"] = round(out["bf16"]["pipeline_images_per_s"] / out["fp32"]["pipeline_images_per_s"], 3)
     return out
 
@@ -268,9 +272,12 @@ def markdown(res: dict) -> str:
     if s := res.get("step"):
         lines += [f"## Training step: the project's loop against the bare model step (batch {s['batch']}, "
                   f"images {'x'.join(map(str, s['images']))})", "",
-                  "| precision | bare step img/s | project loop img/s | loop / bare | bare inference img/s |", "|---|---|---|---|---|"]
+                  "| precision | bare step img/s (autotuned) | project loop img/s | loop / bare | loop with cudnn autotuning | "
+                  "bare inference img/s |", "|---|---|---|---|---|---|"]
         lines += [f"| {p} | {s[p]['bare_train_images_per_s']:,} | {s[p]['pipeline_images_per_s']:,} | "
-                  f"**{s[p]['pipeline_over_bare']:.2f}** | {s[p]['bare_infer_images_per_s']:,} |" for p in ("fp32", "bf16")]
+                  f"**{s[p]['pipeline_over_bare']:.2f}** | {s[p].get('pipeline_autotuned_images_per_s', 0):,} "
+                  f"({s[p].get('pipeline_autotuned_over_bare', 0):.2f}) | {s[p]['bare_infer_images_per_s']:,} |"
+                  for p in ("fp32", "bf16")]
         lines += ["", f"bf16 loop / fp32 loop: {s['bf16_over_fp32_pipeline']:.2f}x", ""]
     if s := res.get("sisa"):
         r = s["recipe"]
@@ -300,7 +307,8 @@ def markdown(res: dict) -> str:
         for key in ("default", "deterministic"):
             m = s[key]
             lines.append(f"| {key} | {m['seconds']:.1f} | {m['forget_seconds']:.2f} | {'yes' if m['forget_equals_retrain'] else 'no'} |")
-        lines += ["", f"deterministic / default training time: **{s['deterministic_over_default_time']:.2f}x**", ""]
+        lines += ["", f"deterministic / default training time: **{s['deterministic_over_default_time']:.2f}x** "
+                      f"(commit `{s.get('commit', '?')[:12]}`)", ""]
     if s := res.get("compile"):
         lines += ["## torch.compile of the bare bf16 step", "",
                   f"eager {s['eager_train_images_per_s']:,} img/s, compiled {s['compiled_train_images_per_s']:,} img/s "
@@ -357,6 +365,7 @@ def main() -> None:
         if proc.returncode == 0 and found:
             res[stage] = json.loads(found[-1][len("RESULT "):])
             res[stage]["stage_seconds"] = round(time.perf_counter() - start, 1)
+            res[stage]["commit"] = environment()["git_commit"]
         else:
             res["failed"][stage] = (proc.stderr.strip().splitlines() or ["no output"])[-1]
             print(proc.stderr[-3000:], file=sys.stderr)

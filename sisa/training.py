@@ -106,20 +106,22 @@ def augment(images: torch.Tensor, pad: int, flip: bool, gen: torch.Generator) ->
 
 
 @contextmanager
-def numerics(cfg: RunConfig, device: torch.device):
-    """The CUDA switches a config asks for, set for one job and restored after it: cudnn's
-    autotuner (fastest kernels, picked by timing, so not reproducible) unless the run is
-    deterministic; with `deterministic`, deterministic kernels only. cuBLAS reads its workspace
-    setting once per process: a process that trains deterministic runs should have
-    CUBLAS_WORKSPACE_CONFIG set before its first CUDA call (set here if not, for worker processes).
-    The CPU needs none of this: its kernels are deterministic already."""
+def numerics(cfg: RunConfig, device: torch.device, autotune: bool = False):
+    """The CUDA switches a config asks for, set for one job and restored after it. cudnn's
+    autotuner stays off: it times kernels anew for every new batch shape, and SISA's slices (and
+    every forget, one sample shorter) make new shapes all the time; on an H100 it cut the training
+    loop to a third of the bare step (benchmarks/results/gpu_h100.md). With `deterministic`,
+    deterministic kernels only. cuBLAS reads its workspace setting once per process: a process
+    that trains deterministic runs should have CUBLAS_WORKSPACE_CONFIG set before its first CUDA
+    call (set here if not, for worker processes). The CPU needs none of this: its kernels are
+    deterministic already."""
     if device.type != "cuda":
         yield
         return
     saved = torch.backends.cudnn.benchmark, torch.are_deterministic_algorithms_enabled()
     if cfg.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.backends.cudnn.benchmark = not cfg.deterministic
+    torch.backends.cudnn.benchmark = autotune and not cfg.deterministic
     torch.use_deterministic_algorithms(cfg.deterministic)
     try:
         yield
