@@ -184,6 +184,7 @@ def stage_sisa(st: Setting, device: torch.device, data_dir: str, work: Path) -> 
     fp32_run.close()
     shutil.rmtree(work / "mono32")
     run, out["sisa_bf16"] = train_run(work / "sisa", config(st), device, data_dir)
+    out["checkpoint_write"] = checkpoint_write(run, work / "ckpt-probe")
     mono, full = out["monolithic_bf16"], out["sisa_bf16"]
     out["sisa_over_monolithic_time"] = round(full["seconds"] / mono["seconds"], 3)
     out["sisa_over_monolithic_per_sample_epoch"] = round(
@@ -229,6 +230,22 @@ def stage_sisa(st: Setting, device: torch.device, data_dir: str, work: Path) -> 
                       "ensemble_over_single_div_S": round((len(images) / t_ens) / (len(images) / t_one / len(ens.models)), 3)}
     run.close()
     return out
+
+
+def checkpoint_write(run: sisa.Run, folder: Path) -> dict:
+    """Seconds to write one live checkpoint again (serialise, hash, write, fsync), on this
+    machine's disk: SISA writes S x R of them in training, and a forget up to R."""
+    from store.checkpoints import load_checkpoint, save_checkpoint
+
+    ck = run.index.checkpoints()[(0, run.config.slices - 1)]
+    state = load_checkpoint(run.dir / ck.path, ck.sha256)
+    folder.mkdir()
+    start = time.perf_counter()
+    for i in range(3):
+        path, _ = save_checkpoint(state, folder, f"probe{i}")
+    seconds = (time.perf_counter() - start) / 3
+    return {"bytes": path.stat().st_size, "seconds": round(seconds, 3),
+            "sisa_training_total_seconds": round(seconds * run.config.shards * run.config.slices, 1)}
 
 
 # --- determinism: its cost, and whether a forget then equals a retrain bit for bit -------------------
@@ -297,6 +314,10 @@ def markdown(res: dict) -> str:
             lines.append(f"| {f['ids']} id{'s' if f['ids'] > 1 else ''} | {f['seconds']:.2f} | {f['speedup_over_monolithic_retrain']:.1f}x | "
                          f"{f['predicted_speedup_cost_model']:.1f}x | **{f['measured_over_predicted_cost_model']:.2f}** | "
                          f"{f['predicted_speedup_realised_draw']:.1f}x | {f['measured_over_predicted_realised']:.2f} |")
+        if c := s.get("checkpoint_write"):
+            lines += ["", f"One checkpoint ({c['bytes'] / 1e6:.0f} MB: weights and momentum) takes {c['seconds']:.2f} s to "
+                          f"serialise, hash, write and fsync here: {c['sisa_training_total_seconds']:.0f} s for the S x R "
+                          "of a SISA training, written by a background thread while the next slice trains."]
         p = s["predict"]
         lines += ["", f"Ensemble prediction: {p['ensemble_images_per_s']:,} img/s over {p['images']:,} images; one "
                       f"constituent alone {p['single_model_images_per_s']:,} img/s; ensemble / (single / S) = "
