@@ -30,11 +30,13 @@ JsonOut = Annotated[bool, typer.Option("--json", help="Print a JSON result on st
 Device = Annotated[str, typer.Option(help="Where to train: auto (a CUDA GPU if present), cpu, cuda, cuda:N.")]
 RunOn = Annotated[str, typer.Option("--device", help="Where to run the models: auto (a CUDA GPU if present), cpu, cuda, cuda:N.")]
 ExecutorName = Annotated[str, typer.Option("--executor", help="Where shard jobs run: local (one after another, in this "
-                                           "process), gpus (a worker process per visible GPU), ray (Ray tasks; needs the ray extra).")]
+                                           "process), gpus (worker processes on every visible GPU, --jobs-per-gpu each), ray (Ray tasks; needs the ray extra).")]
 RayAddress = Annotated[Optional[str], typer.Option("--ray-address", help="With --executor ray: join this running cluster "
                                                    "(auto, HOST:6379, ray://HOST:10001) instead of starting a local one.")]
 GpusPerTask = Annotated[Optional[float], typer.Option("--gpus-per-task", help="With --executor ray: GPUs per shard job, "
                                                       "fractional allowed (0.2: five jobs per GPU); by default 1 if the cluster has GPUs, else 0.")]
+JobsPerGpu = Annotated[Optional[int], typer.Option("--jobs-per-gpu", help="With --executor gpus: how many shard jobs run at "
+                                                   "once on each GPU, each in its own worker process (a small shard leaves most of a GPU idle). \\[default: 1]")]
 
 
 def handles_errors(fn):
@@ -115,17 +117,19 @@ def load_data(run) -> None:
                 run.dataset()
 
 
-def executor_for(name: str, ray_address: str | None, gpus_per_task: float | None):
-    """Built before anything is written, so a missing Ray or GPU changes nothing."""
+def executor_for(name: str, ray_address: str | None, gpus_per_task: float | None, jobs_per_gpu: int | None):
+    """Built before anything is written, so a missing Ray or GPU, or a bad option, changes nothing."""
     from sisa.errors import UsageError
 
     if name != "ray" and (ray_address is not None or gpus_per_task is not None):
         raise UsageError("--ray-address and --gpus-per-task apply only to --executor ray")
+    if name != "gpus" and jobs_per_gpu is not None:
+        raise UsageError("--jobs-per-gpu applies only to --executor gpus")
     if name == "local":
         return name  # nothing to check, and no reason to import torch yet
     from sisa.executors import make_executor
 
-    return make_executor(name, ray_address, gpus_per_task)
+    return make_executor(name, ray_address, gpus_per_task, 1 if jobs_per_gpu is None else jobs_per_gpu)
 
 
 def emit(as_json: bool, payload: dict, human: str | Table) -> None:
@@ -163,6 +167,7 @@ def train(
     executor: ExecutorName = "local",
     ray_address: RayAddress = None,
     gpus_per_task: GpusPerTask = None,
+    jobs_per_gpu: JobsPerGpu = None,
     as_json: JsonOut = False,
 ):
     """Partition the data into shards and slices, then train every shard's ResNet-18 slice by slice.
@@ -181,7 +186,7 @@ def train(
         _refuse_conflicts(run, options, dataset, data_dir, test_manifest)
         if init_from is not None or features_from is not None:
             raise sisa.UsageError("--resume finishes a run as it was created; drop --init-from and --features-from")
-        runner = executor_for(executor, ray_address, gpus_per_task)
+        runner = executor_for(executor, ray_address, gpus_per_task, jobs_per_gpu)
     else:
         if trainable not in (None, "all"):  # features are computed once: no augmentation unless asked
             options.update(crop_pad=0 if crop_pad is None else crop_pad, flip=False if flip is None else flip)
@@ -190,7 +195,7 @@ def train(
         cfg = sisa.config_for(dataset or "digits", **options)
         cfg.validate()
         check_replaceable(run_dir, overwrite)  # before the data loads: a refusal comes at once
-        runner = executor_for(executor, ray_address, gpus_per_task)
+        runner = executor_for(executor, ray_address, gpus_per_task, jobs_per_gpu)
         with notices() as note:
             run = sisa.Run.create(run_dir, cfg, data_dir=data_dir or Path("data"), download=download,
                                   test_manifest=test_manifest, overwrite=overwrite, init_from=init_from,
@@ -281,6 +286,7 @@ def forget(
     executor: ExecutorName = "local",
     ray_address: RayAddress = None,
     gpus_per_task: GpusPerTask = None,
+    jobs_per_gpu: JobsPerGpu = None,
     as_json: JsonOut = False,
 ):
     """Exactly unlearn samples: retrain each affected shard from its earliest affected slice.
@@ -293,7 +299,7 @@ def forget(
 
     if (ids is None) == (not resume):
         raise sisa.UsageError("pass --ids FILE.csv, or --resume to finish an interrupted forget")
-    runner = executor_for(executor, ray_address, gpus_per_task)
+    runner = executor_for(executor, ray_address, gpus_per_task, jobs_per_gpu)
     run = sisa.Run.open(run_dir)
     with writer_lock(run.dir, "sisa forget"):
         req = None
@@ -329,6 +335,7 @@ def add(
     executor: ExecutorName = "local",
     ray_address: RayAddress = None,
     gpus_per_task: GpusPerTask = None,
+    jobs_per_gpu: JobsPerGpu = None,
     as_json: JsonOut = False,
 ):
     """Take in new training samples exactly: each goes to the shard with the fewest live samples,
@@ -340,7 +347,7 @@ def add(
 
     if not dataset.is_file():
         raise sisa.UsageError(f"manifest not found: {dataset}")
-    runner = executor_for(executor, ray_address, gpus_per_task)
+    runner = executor_for(executor, ray_address, gpus_per_task, jobs_per_gpu)
     run = sisa.Run.open(run_dir)
     with writer_lock(run.dir, "sisa add"):
         n, placed = run.record_addition(dataset)

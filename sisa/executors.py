@@ -8,7 +8,7 @@ coordinating process, the only one that writes the index, puts each shard live a
 arrives (`Run.complete`). A retried job writes the very same files again, so retries stay exact.
 
   LocalExecutor   one job after another in this process (the default)
-  GpuExecutor     one spawned worker process per visible CUDA GPU
+  GpuExecutor     spawned worker processes on every visible CUDA GPU, one or more per GPU
   RayExecutor     one Ray task per job, on a local Ray instance or a running cluster
 
 Each has `run(tasks, device, progress, data)`, which yields (task, ShardResult | ShardFailure)
@@ -255,12 +255,23 @@ class LocalExecutor:
 
 
 class GpuExecutor:
-    """One worker process per visible CUDA GPU, started with `spawn` (a forked process cannot
-    use CUDA once the parent has touched it); each takes the next job when it is free.
+    """`jobs_per_device` worker processes per visible CUDA GPU, started with `spawn` (a forked
+    process cannot use CUDA once the parent has touched it). Each worker is pinned to one device
+    and takes the next job when it is free, so up to len(devices) * jobs_per_device jobs run at
+    once. A small shard's batches leave most of a large GPU idle; several jobs per GPU fill it.
+
+    A job runs alone in its process either way (same code, data, seed and thread count), so its
+    result is the one it would be alone. On a GPU, that holds while memory suffices: each worker
+    has its own CUDA context and allocator, and cuDNN skips an algorithm whose workspace it
+    cannot allocate. Without NVIDIA MPS the GPU time-slices between processes, so the gain is
+    the time one job leaves the GPU idle (kernel launches, host work, checkpoint writes).
+
     `devices` names other devices to run the same worker processes on (["cpu"]: how the tests
     exercise this executor on a machine without a GPU)."""
 
-    def __init__(self, devices: list[str] | None = None):
+    def __init__(self, devices: list[str] | None = None, jobs_per_device: int = 1):
+        if jobs_per_device < 1:  # checked first: a bad option is reported as such, GPUs or not
+            raise UsageError(f"--jobs-per-gpu must be at least 1, got {jobs_per_device}")
         if devices is None:
             if torch.cuda.device_count() == 0:
                 seen = os.environ.get("CUDA_VISIBLE_DEVICES")
@@ -268,7 +279,13 @@ class GpuExecutor:
                                  + (f" (CUDA_VISIBLE_DEVICES={seen!r})" if seen is not None else "")
                                  + "; use --executor local")
             devices = [f"cuda:{i}" for i in range(torch.cuda.device_count())]
-        self.devices = devices
+        self.devices, self.jobs_per_device = devices, jobs_per_device
+
+    @property
+    def slots(self) -> list[str]:
+        """The device of each worker process, GPUs in turn: fewer jobs than slots spread over
+        every GPU before any GPU takes a second job."""
+        return [d for _ in range(self.jobs_per_device) for d in self.devices]
 
     def run(self, tasks, device, progress=None, data=None):
         if device not in ("auto", "cuda"):
@@ -280,8 +297,8 @@ class GpuExecutor:
             return
         ctx = multiprocessing.get_context("spawn")
         devices, events = ctx.Queue(), ctx.Queue()
-        workers = min(len(self.devices), len(tasks))
-        for d in self.devices[:workers]:
+        workers = min(len(self.slots), len(tasks))
+        for d in self.slots[:workers]:  # each worker's initializer takes one
             devices.put(d)
         with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_device_worker_init,
                                  initargs=(devices, events)) as pool:
@@ -440,12 +457,12 @@ def _ray_job(task: ShardTask, board) -> Outcome:
 
 
 def make_executor(executor: "str | LocalExecutor | GpuExecutor | RayExecutor | None" = None,
-                  ray_address: str | None = None, gpus_per_task: float | None = None):
+                  ray_address: str | None = None, gpus_per_task: float | None = None, jobs_per_gpu: int = 1):
     """An executor by name (local, gpus, ray), or the one given."""
     if executor is None or executor == "local":
         return LocalExecutor()
     if executor == "gpus":
-        return GpuExecutor()
+        return GpuExecutor(jobs_per_device=jobs_per_gpu)
     if executor == "ray":
         return RayExecutor(ray_address, gpus_per_task)
     if isinstance(executor, str):

@@ -3,7 +3,8 @@ give bitwise the checkpoints of the sequential executor, for training and for a 
 worker SIGKILLed mid-job is retried and the result is still exact; a shard job that raises fails
 the command with one line, keeps the other shard's committed work, and `--resume` finishes it.
 The gpus executor needs a GPU: without one it must say so and change nothing; its worker
-processes are tested on the CPU."""
+processes are tested on the CPU, one per device and two sharing one device (really at once,
+each job still exact)."""
 from __future__ import annotations
 
 import importlib.util
@@ -11,6 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 from dataclasses import replace
 
 import pytest
@@ -109,6 +111,70 @@ def test_worker_processes_of_the_gpus_executor_forget_exactly(trained_run, refer
     assert report.shards_retrained == [0, 2]
     assert file_hashes(trained_run) == reference
     assert {(s, i) for s, i, _, _ in events} == {(0, 1), (0, 2), (2, 0), (2, 1), (2, 2)}
+
+
+def test_two_jobs_per_device_train_exactly(tmp_path, digits_manifest, trained_template):
+    """Two worker processes on one device (3 shard jobs): every checkpoint bitwise the local one."""
+    train_csv, test_csv = digits_manifest
+    events = []
+    sisa.train(tmp_path / "run", small_config(train_csv), device="auto", test_manifest=test_csv,
+               executor=GpuExecutor(devices=["cpu"], jobs_per_device=2), progress=lambda *p: events.append(p)).close()
+    assert file_hashes(tmp_path / "run") == file_hashes(trained_template)
+    cfg = small_config(train_csv)
+    assert {(s, i) for s, i, _, _ in events} == {(s, i) for s in range(cfg.shards) for i in range(cfg.slices)}
+
+
+def test_two_jobs_per_device_run_at_once_and_forget_exactly(trained_run, reference, tmp_path, monkeypatch):
+    """Proof that two jobs share the device at the same time, independent of timing: the first
+    worker to finish an epoch is paused (SISA_FAULT_ACTION=pause, inherited by the spawned
+    workers) until the other job has trained to its end, which only a second, concurrent worker
+    process can do. A timer releases the pause if that never happens, and the test fails."""
+    flag = tmp_path / "paused"
+    for name, value in {"SISA_FAULT": "epoch", "SISA_FAULT_ACTION": "pause", "SISA_FAULT_FLAG": str(flag),
+                        "SISA_FAULT_ONCE": str(tmp_path / "once")}.items():
+        monkeypatch.setenv(name, value)
+    paused_at_first_finish = []  # pid of the worker still paused when a job finished, or None
+
+    def progress(shard, slice_, done, total):
+        if done == total and not paused_at_first_finish:  # a job's last batch (both jobs have 2+ epochs)
+            paused_at_first_finish.append(int(flag.read_text()) if flag.exists() else None)
+            flag.unlink(missing_ok=True)
+
+    safety = threading.Timer(240, lambda: flag.unlink(missing_ok=True))
+    safety.start()
+    try:
+        report = sisa.forget(trained_run, ids=request_ids(trained_run), device="auto", progress=progress,
+                             executor=GpuExecutor(devices=["cpu"], jobs_per_device=2))
+    finally:
+        safety.cancel()
+        flag.unlink(missing_ok=True)
+    [paused] = paused_at_first_finish
+    assert paused is not None and paused != os.getpid(), "the jobs did not run at once"
+    assert report.shards_retrained == [0, 2]
+    assert file_hashes(trained_run) == reference
+    assert_audit_ok(trained_run)
+
+
+def test_worker_slots_spread_over_devices_before_sharing_one():
+    executor = GpuExecutor(devices=["cuda:0", "cuda:1"], jobs_per_device=2)  # devices given: no CUDA needed
+    assert executor.slots == ["cuda:0", "cuda:1", "cuda:0", "cuda:1"]
+    with pytest.raises(UsageError, match="--jobs-per-gpu must be at least 1, got 0"):
+        make_executor("gpus", jobs_per_gpu=0)  # refused before looking for GPUs
+
+
+@pytest.mark.parametrize("command", ["train", "forget", "add"])
+def test_jobs_per_gpu_option_is_documented_and_checked(tmp_path, digits_manifest, command):
+    assert "--jobs-per-gpu" in invoke(command, "--help").output
+    run_dir = tmp_path / "run"
+    args = {"train": [], "forget": ["--resume"], "add": ["--dataset", digits_manifest[0]]}[command]
+    for executor in ("local", "ray"):
+        assert_clean_error(invoke(command, *args, "--executor", executor, "--jobs-per-gpu", 2, "--run-dir", run_dir),
+                           2, "--jobs-per-gpu applies only to --executor gpus")
+    assert_clean_error(invoke(command, *args, "--jobs-per-gpu", 2, "--run-dir", run_dir), 2,
+                       "--jobs-per-gpu applies only to --executor gpus")
+    assert_clean_error(invoke(command, *args, "--executor", "gpus", "--jobs-per-gpu", 0, "--run-dir", run_dir), 2,
+                       "--jobs-per-gpu must be at least 1, got 0")
+    assert not run_dir.exists()
 
 
 def test_executor_options_are_checked(tmp_path):
