@@ -144,7 +144,7 @@ def emit(as_json: bool, payload: dict, human: str | Table) -> None:
 def train(
     shards: Annotated[Optional[int], typer.Option(help="S: number of shards, one constituent model each. \\[default: 5]")] = None,
     slices: Annotated[Optional[int], typer.Option(help="R: slices per shard, one checkpoint after each. \\[default: 4]")] = None,
-    epochs: Annotated[Optional[int], typer.Option(help="Epochs an unsliced shard would get (SISA spreads 2R/(R+1)x that). \\[default: 16]")] = None,
+    epochs: Annotated[Optional[int], typer.Option(help="Epochs an unsliced shard would get (SISA spreads 2R/(R+1)x that). \\[default: 12]")] = None,
     dataset: Annotated[Optional[str], typer.Option(help="digits, mnist, fashion-mnist, cifar10, or a CSV manifest id,path,label[,owner]. \\[default: digits]")] = None,
     data_dir: Annotated[Optional[Path], typer.Option(help="Where mnist/fashion-mnist/cifar10 files live (torchvision layout). \\[default: data]")] = None,
     test_manifest: Annotated[Optional[Path], typer.Option(help="Test-set manifest for a CSV dataset (for `evaluate`).")] = None,

@@ -121,7 +121,7 @@ def main() -> None:
     ap.add_argument("--width", type=int, default=64)
     ap.add_argument("--shards", default="1,5,20,50")
     ap.add_argument("--slices", type=int, default=4)
-    ap.add_argument("--epochs", type=int, default=16, help="head epochs (the product's default)")
+    ap.add_argument("--epochs", type=int, default=16, help="head epochs (16: the committed results used it)")
     ap.add_argument("--forgets", type=int, default=5, help="single-id forgets timed on the S=20 run")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--smoke", action="store_true", help="digits, tiny settings: checks the script runs")
