@@ -2,7 +2,8 @@
 
     python -m benchmarks.gpu --list-stages
     python -m benchmarks.gpu --stage step --stage sisa            # one device call, ~5 min on an H100
-    python -m benchmarks.gpu --stage determinism --stage compile  # a second one, ~4 min
+    python -m benchmarks.gpu --stage determinism --stage compile  # a second one, ~2 min
+    python -m benchmarks.gpu --stage concurrent                   # --jobs-per-gpu 1, 2, 5: ~2 min (not yet run)
     python -m benchmarks.gpu --smoke                              # every stage, tiny, on the CPU
 
 Each stage runs in its own process (no backend switch or cuBLAS setting leaks from one into the
@@ -22,6 +23,8 @@ Stages (Fashion-MNIST, ResNet-18 with the 3x3 stem, batch 512 unless said):
 - determinism: `deterministic=True` against the default (training time), and whether a forget
   equals retraining the shard from scratch bit for bit on this GPU, in both modes.
 - compile: `torch.compile` of the bare step, to see whether it is worth adopting.
+- concurrent: SISA training with 1, 2 and 5 shard jobs at once on the GPU (`--jobs-per-gpu`)
+  against monolithic training, and whether every checkpoint file is the same in all three.
 """
 from __future__ import annotations
 
@@ -49,7 +52,7 @@ from sisa.training import train_step
 from .common import RESULTS, environment, write_results
 from .unlearning import batch_cost_model
 
-STAGES = ("step", "sisa", "determinism", "compile")
+STAGES = ("step", "sisa", "determinism", "compile", "concurrent")
 
 
 @dataclass(frozen=True)
@@ -267,6 +270,30 @@ def stage_determinism(st: Setting, device: torch.device, data_dir: str, work: Pa
     return out
 
 
+# --- concurrent: several shard jobs on one GPU -----------------------------------------------------
+def stage_concurrent(st: Setting, device: torch.device, data_dir: str, work: Path) -> dict:
+    from sisa.executors import GpuExecutor
+    from store.checkpoints import file_sha256
+
+    mono_run, mono = train_run(work / "mono", config(st, shards=1, slices=1), device, data_dir)
+    mono_run.close()
+    out = {"monolithic_bf16": mono, "jobs": {}}
+    files = {}
+    for jobs in (1, 2, st.shards):
+        cfg = config(st)
+        run, t_create = timed(lambda: sisa.Run.create(work / f"j{jobs}", cfg, data_dir=data_dir), device)
+        executor = GpuExecutor(devices=[str(device)] if device.type != "cuda" else None, jobs_per_device=jobs)
+        report, t = timed(lambda: run.complete("auto", executor=executor), device)
+        files[jobs] = {k: file_sha256(run.dir / c.path) for k, c in run.index.checkpoints().items()}
+        out["jobs"][str(jobs)] = {"seconds": round(t, 2), "sample_epochs": report.sample_epochs,
+                                  "over_monolithic_per_sample_epoch": round(
+                                      (t / report.sample_epochs) / (mono["seconds"] / mono["sample_epochs"]), 3)}
+        run.close()
+        shutil.rmtree(work / f"j{jobs}")
+    out["identical_checkpoints"] = all(f == files[1] for f in files.values())
+    return out
+
+
 # --- compile: is torch.compile worth it for the bare step? -------------------------------------------
 def stage_compile(st: Setting, device: torch.device, data_dir: str, work: Path) -> dict:
     torch.backends.cudnn.benchmark = device.type == "cuda"
@@ -335,6 +362,12 @@ def markdown(res: dict) -> str:
                   f"eager {s['eager_train_images_per_s']:,} img/s, compiled {s['compiled_train_images_per_s']:,} img/s "
                   f"(**{s['compiled_over_eager_train']:.2f}x**, {s['compile_seconds']:.0f} s to compile); inference "
                   f"{s['eager_infer_images_per_s']:,} vs {s['compiled_infer_images_per_s']:,} img/s.", ""]
+    if s := res.get("concurrent"):
+        lines += ["## Several shard jobs at once on one GPU (`--jobs-per-gpu`)", "",
+                  "| jobs at once | SISA train s | / monolithic per sample-epoch |", "|---|---|---|"]
+        lines += [f"| {k} | {v['seconds']:.1f} | **{v['over_monolithic_per_sample_epoch']:.2f}x** |" for k, v in s["jobs"].items()]
+        lines += ["", f"Monolithic: {s['monolithic_bf16']['seconds']:.1f} s. Every checkpoint file identical across the "
+                      f"three: {'yes' if s['identical_checkpoints'] else 'NO'}.", ""]
     for stage, why in res.get("failed", {}).items():
         lines += [f"Stage `{stage}` failed: {why}", ""]
     return "\n".join(lines)
@@ -344,7 +377,8 @@ def run_stage(name: str, st: Setting, device: torch.device, data_dir: str) -> di
     with tempfile.TemporaryDirectory() as tmp:
         if name == "step":
             return stage_step(st, device, data_dir)
-        return {"sisa": stage_sisa, "determinism": stage_determinism, "compile": stage_compile}[name](
+        return {"sisa": stage_sisa, "determinism": stage_determinism, "compile": stage_compile,
+                "concurrent": stage_concurrent}[name](
             st, device, data_dir, Path(tmp))
 
 

@@ -195,9 +195,12 @@ def _run_shard_job(cfg, job, state, images, labels, device, progress):
     opt_state = state["optimizer"]
     sizes = [sum(len(s) for s in job.slice_rows[: i + 1]) for i in range(cfg.slices)]
     total = sum(epochs[i] * sizes[i] for i in range(job.start, cfg.slices) if sizes[i] >= 2)
+    # Step i trains on slices 0..i, a prefix of the shard's rows in slice order: the shard's data
+    # goes to the device once, and each step takes a prefix of it (a view, no copy).
+    index = torch.tensor([r for s in job.slice_rows for r in s], dtype=torch.long)
+    shard_images, shard_labels = images[index].to(device), labels[index].to(device)
     done = 0
     for i in range(job.start, cfg.slices):
-        rows = [r for s in job.slice_rows[: i + 1] for r in s]
         ids = [x for s in job.slice_ids[: i + 1] for x in s]
         # The optimiser is rebuilt from saved state at every step, exactly as a resume would.
         opt = make_optimizer(cfg, model)
@@ -206,12 +209,12 @@ def _run_shard_job(cfg, job, state, images, labels, device, progress):
             # training would then mutate the state yielded for the previous slice: pass a copy.
             opt.load_state_dict(_cpu_copy(opt_state) if device.type == "cpu" else opt_state)
         trained = 0
-        if len(rows) >= 2:  # one sample cannot train batch norm: such a step leaves the state as is
+        n = sizes[i]
+        if n >= 2:  # one sample cannot train batch norm: such a step leaves the state as is
             gen = torch.Generator().manual_seed(derive_seed(cfg.seed, "train", job.shard, i))
-            index = torch.tensor(rows, dtype=torch.long)
-            train_step(cfg, model, opt, images[index].to(device), labels[index].to(device), epochs[i], gen,
-                       (lambda n, i=i, before=done: progress(job.shard, i, before + n, total)) if progress else None)
-            trained = epochs[i] * len(rows)
+            train_step(cfg, model, opt, shard_images[:n], shard_labels[:n], epochs[i], gen,
+                       (lambda k, i=i, before=done: progress(job.shard, i, before + k, total)) if progress else None)
+            trained = epochs[i] * n
             done += trained
         elif progress:
             progress(job.shard, i, done, total)

@@ -48,3 +48,29 @@ def test_public_backbone_benchmark_smoke(tmp_path):
     assert 0 <= res["pretrain"]["test_accuracy"] <= 1
     md = (tmp_path / "results" / "public_backbone_smoke.md").read_text()
     assert "| public-only (the backbone's own classifier) |" in md and "| SISA heads, S = 5 |" in md
+
+
+def test_gpu_benchmark_stages_run_and_merge(tmp_path):
+    def run(*stages: str) -> subprocess.CompletedProcess:
+        args = [a for s in stages for a in ("--stage", s)]
+        return subprocess.run([sys.executable, "-m", "benchmarks.gpu", "--smoke", *args, "--results-dir", str(tmp_path),
+                               "--device", "cpu"], cwd=ROOT, capture_output=True, text=True, timeout=900)
+
+    listed = subprocess.run([sys.executable, "-m", "benchmarks.gpu", "--list-stages"], cwd=ROOT, capture_output=True, text=True)
+    assert listed.stdout.split() == ["step", "sisa", "determinism", "compile", "concurrent"]
+    proc = run("step", "sisa")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run("determinism")  # a later call adds its section to the same results
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads((tmp_path / "gpu_smoke.json").read_text())
+    assert {"step", "sisa", "determinism"} <= res.keys() and "failed" not in res
+    for precision in ("fp32", "bf16"):
+        assert res["step"][precision]["pipeline_images_per_s"] > 0 and res["step"][precision]["pipeline_over_bare"] > 0
+    sisa_ = res["sisa"]
+    assert sisa_["sisa_bf16"]["sample_epochs"] > 0 and sisa_["monolithic_fp32"]["accuracy_vote"] > 0
+    assert [f["ids"] for f in sisa_["forgets"]] == [1, 8]
+    assert sisa_["checkpoint_write"]["bytes"] > 0 and sisa_["predict"]["ensemble_over_single_div_S"] > 0
+    det = res["determinism"]
+    assert det["deterministic"]["forget_equals_retrain"] and det["default"]["forget_equals_retrain"]  # CPU: always
+    md = (tmp_path / "gpu_smoke.md").read_text()
+    assert "loop / bare" in md and "Deterministic mode" in md
