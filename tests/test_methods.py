@@ -103,3 +103,19 @@ def test_mia_metrics_separate_members_from_non_members():
 def test_batch_cost_model_matches_the_papers_single_request_formula(S, R):
     assert batch_cost_model(S, R, 1) == pytest.approx((1 / S) * (2 / 3 + 1 / (3 * R)), rel=0.02)
     assert batch_cost_model(S, R, 1000) == pytest.approx(1.0, abs=0.01)
+
+
+def test_mia_kit_holds_out_what_the_starting_kit_holds_out(monkeypatch):
+    """The NeurIPS'23 starting kit's simple_mia: StratifiedShuffleSplit(n_splits=10) with
+    scikit-learn's default split, 10% of the samples held out per split."""
+    seen = []
+    real = metrics.cross_val_score
+
+    def spy(model, x, y, cv, scoring):
+        seen.extend(len(test) for _, test in cv.split(x, y))
+        return real(model, x, y, cv=cv, scoring=scoring)
+
+    monkeypatch.setattr(metrics, "cross_val_score", spy)
+    rng = np.random.default_rng(0)
+    metrics.mia_kit(rng.exponential(1.0, 300), rng.exponential(2.0, 400))
+    assert seen == [60] * 10  # 300 + 300 after balancing, 10% of them in each split's test fold
