@@ -350,7 +350,7 @@ def add(
     runner = executor_for(executor, ray_address, gpus_per_task, jobs_per_gpu)
     run = sisa.Run.open(run_dir)
     with writer_lock(run.dir, "sisa add"):
-        n, placed = run.record_addition(dataset)
+        n, placed, _ = run.record_addition(dataset)
         load_data(run)
         with ShardProgress(run.config.slices) as bars:
             done = run.resume(device, bars, executor=runner)

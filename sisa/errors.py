@@ -13,5 +13,9 @@ class UsageError(SisaError):
     exit_code = 2
 
 
+class ConflictError(SisaError):
+    """The input names something the run already has (new samples with ids already in it)."""
+
+
 class IntegrityError(SisaError):
     """A file on disk does not match what the index recorded for it."""

@@ -37,7 +37,7 @@ from store.index import (ACTIVE, DELETED, DONE, PENDING, RETRAINING, Addition, C
                          Replacement, Request, RunRow, Sample, utcnow)
 
 from .config import AUGMENT_DEFAULTS, RunConfig, slice_epochs
-from .errors import SisaError, UsageError
+from .errors import ConflictError, SisaError, UsageError
 from .faults import fault_point
 from .partition import ShardJob, partition
 from .receipts import build_receipt, run_secret, write_receipt
@@ -497,9 +497,10 @@ class Run:
                 p.unlink(missing_ok=True)
 
     # --- adding ----------------------------------------------------------------------
-    def record_addition(self, manifest: Path | str) -> tuple[int, dict[int, int]]:
+    def record_addition(self, manifest: Path | str) -> tuple[int, dict[int, int], str]:
         """Take in new samples (a manifest `id,path,label[,owner]`, images converted and resized to
-        the run's) in one transaction, before any training; returns (samples, {shard: count}).
+        the run's) in one transaction, before any training; returns (samples, {shard: count}, the
+        addition's public id). `finish_additions()` marks it done once it is trained in.
 
         Placement, one sample at a time in manifest order: the shard with the fewest live samples
         (ties: the lowest shard), at the end of its last slice. Only the last slice's step of each
@@ -513,8 +514,8 @@ class Run:
         with self.index.transaction() as s:
             taken = list(s.scalars(select(Sample.id).where(Sample.id.in_(split.ids)).limit(5)))
         if taken:
-            raise SisaError(f"{manifest}: ids already in the run, e.g. {', '.join(repr(t) for t in taken)} "
-                            "(new samples need new ids)")
+            raise ConflictError(f"{manifest}: ids already in the run, e.g. {', '.join(repr(t) for t in taken)} "
+                                "(new samples need new ids)")
         hashes = split.sample_hashes()
         features = None
         if cfg.frozen:
@@ -538,22 +539,37 @@ class Run:
                 placed[shard] = placed.get(shard, 0) + 1
                 rows.append(dict(id=sid, row=first_row + k, label=int(y), owner=owner, shard=shard, slice=last,
                                  position=ends[shard], content_sha256=h, status=ACTIVE, request_id=None))
-            s.add(Addition(created_at=utcnow(), manifest=str(manifest), n_samples=len(rows)))
+            addition = Addition(created_at=utcnow(), manifest=str(manifest), n_samples=len(rows),
+                                placed_json=json.dumps({str(k): v for k, v in sorted(placed.items())}))
+            s.add(addition)
             s.execute(Sample.__table__.insert(), rows)
             if features is not None:
                 s.execute(Feature.__table__.insert(), [{"id": sid, "data": f.tobytes()}
                                                        for sid, f in zip(split.ids, features)])
         self._dataset = None  # the training data now includes the new manifest
         fault_point("journaled")
-        return len(rows), placed
+        return len(rows), placed, addition.public_id
+
+    def finish_additions(self) -> list[Addition]:
+        """Mark journaled additions done once no shard is stale: every sample they brought is in
+        a live model. Returns those marked."""
+        with self.index.transaction() as s:
+            pending = list(s.scalars(select(Addition).where(Addition.status != DONE)))
+        if not pending or self.shard_jobs():
+            return []
+        with self.index.transaction() as s:
+            s.execute(update(Addition).where(Addition.id.in_([a.id for a in pending]))
+                      .values(status=DONE, finished_at=utcnow()))
+        return pending
 
     def add(self, manifest: Path | str, device: str | torch.device = "cpu", progress: Progress | None = None,
             executor=None) -> "AddReport":
         """Take in new samples and train them in exactly: each shard that received some retrains
         its last slice step (a deterministic function of the retained ids, as always)."""
         start = time.perf_counter()
-        n, placed = self.record_addition(manifest)
+        n, placed, _ = self.record_addition(manifest)
         done = self.complete(device, progress, executor)
+        self.finish_additions()
         return AddReport(n, placed, done.shards_retrained, done.slices_retrained, done.sample_epochs,
                          done.full_sample_epochs, time.perf_counter() - start)
 
@@ -590,6 +606,7 @@ class Run:
         start = time.perf_counter() if start is None else start
         done = self.complete(device, progress, executor)
         finished = self.finish_requests()
+        self.finish_additions()
         req = req or (finished[-1] if finished else None)
         return ForgetReport(req.id if req else 0, req.n_samples if req else 0, req.n_already_deleted if req else 0,
                             done.shards_retrained, done.slices_retrained, done.sample_epochs,

@@ -1,15 +1,17 @@
 """`sisa serve`: predictions and deletion requests over HTTP, from one long-lived process.
 
     POST /forget          {"ids": [...]} or {"owners": [...]}    -> 202 {"request": "r-...", "status": "queued"}
-    GET  /requests/{id}   queued | running | done (+ the receipt) | failed (+ why)
+    POST /add             {"manifest": "/abs/path/new.csv"}       -> 202 {"request": "a-...", "status": "queued"}
+    GET  /requests/{id}   queued | running | done (+ the receipt) | failed (+ why); an add: queued | done | failed
     POST /predict         multipart, field "file" (repeatable)    -> labels, classes, probabilities, generation
     GET  /status          the run's status, the generation served, the queue
     GET  /health          {"ok": true, "generation": N}
 
 How it keeps the promises of issue 17:
 - Nothing acknowledged is lost: /forget journals the request (Run.record_request: one SQL
-  transaction, synchronous=FULL) in the handler, before the 202. A server killed after that
-  finishes the request when it starts again, as `sisa forget --resume` would.
+  transaction, synchronous=FULL) in the handler, before the 202; /add takes in the new samples
+  the same way (Run.record_addition). A server killed after that finishes the request when it
+  starts again, as `sisa forget --resume` would.
 - One writer: a background thread holds the run's writer lock for the server's life. It waits
   `batch_window` seconds after the first queued request, retrains once for every request
   journaled by then (Run.complete: the SISA paper's batching, a receipt per request), loads the
@@ -18,7 +20,7 @@ How it keeps the promises of issue 17:
   prediction is computed by a model that saw its samples.
 - Predictions never stop: each takes one reference to the live ensemble and answers from it with
   its generation; a swap replaces the reference, so no prediction mixes two generations.
-- Who may do what: /forget, /requests and /status need `Authorization: Bearer <token>` (compared
+- Who may do what: /forget, /add, /requests and /status need `Authorization: Bearer <token>` (compared
   in constant time); /predict too when the server listens beyond loopback, unless public_predict.
   The token is checked before any request body is read; bodies have a size limit.
 - Every error is a 4xx JSON {"error": "one line"} and changes nothing.
@@ -42,7 +44,7 @@ from contextlib import ExitStack, contextmanager, nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .errors import SisaError, UsageError
+from .errors import ConflictError, SisaError, UsageError
 
 if TYPE_CHECKING:
     import torch
@@ -162,6 +164,7 @@ class Service:
         Run.open(self.run_dir).close()  # no run there: a UsageError now, not at start-up
         self.batch_window, self.device_name, self.writer = float(batch_window), device, writer
         self.failed: dict[int, str] = {}  # request id -> why its batch failed (until it is done)
+        self.failed_additions: dict[int, str] = {}  # the same for additions
         self.run = self.reader = self.device = None
         self._live: _Live | None = None
         self._live_changed = threading.Condition()
@@ -260,18 +263,50 @@ class Service:
         self._wake.set()
         return req.public_id
 
+    def journal_addition(self, manifest: str) -> str:
+        """Take in new samples durably, in one transaction; their public id. A manifest (or an image
+        in it) that cannot be read: ApiError 400; ids already in the run: 409; nothing recorded."""
+        path = Path(manifest)
+        if not path.is_absolute():
+            raise ApiError(400, f"the manifest must be an absolute path on the server, got {manifest!r}")
+        if not path.is_file():
+            raise ApiError(400, f"manifest not found: {manifest}")
+        with self._gate:
+            try:
+                _, _, public_id = self.run.record_addition(path)
+            except ConflictError as e:
+                raise ApiError(409, str(e)) from None
+            except SisaError as e:
+                raise ApiError(400, str(e)) from None
+        self._wake.set()
+        return public_id
+
     def request_state(self, public_id: str) -> dict | None:
         from sqlalchemy import select
 
-        from store.index import DONE, PENDING, Request
+        from store.index import DONE, PENDING, Addition, Request
 
         from .receipts import verify_receipt
 
+        if public_id.startswith("a-"):
+            with self.reader.transaction() as s:
+                add = s.scalars(select(Addition).where(Addition.public_id == public_id)).first()
+            if add is None:
+                return None
+            state = {"request": add.public_id, "kind": "add", "created_at": add.created_at.isoformat() + "Z",
+                     "samples_added": add.n_samples, "placed": json.loads(add.placed_json or "{}")}
+            if add.status == DONE:
+                state.update(status="done", finished_at=add.finished_at.isoformat() + "Z")
+            elif add.id in self.failed_additions:
+                state.update(status="failed", error=self.failed_additions[add.id])
+            else:
+                state["status"] = "queued"
+            return state
         with self.reader.transaction() as s:
             req = s.scalars(select(Request).where(Request.public_id == public_id)).first()
         if req is None:
             return None
-        state = {"request": req.public_id, "created_at": req.created_at.isoformat() + "Z",
+        state = {"request": req.public_id, "kind": "forget", "created_at": req.created_at.isoformat() + "Z",
                  "samples_deleted": req.n_samples, "already_deleted": req.n_already_deleted,
                  "ids_not_found": req.n_unknown}
         if req.status == DONE:
@@ -291,12 +326,14 @@ class Service:
     def queue(self) -> dict:
         from sqlalchemy import func, select
 
-        from store.index import PENDING, RETRAINING, Request
+        from store.index import DONE, PENDING, RETRAINING, Addition, Request
 
         with self.reader.transaction() as s:
             counts = dict(s.execute(select(Request.status, func.count()).group_by(Request.status)).all())
+            adds = s.scalar(select(func.count()).select_from(Addition).where(Addition.status != DONE))
         failed = len(self.failed)
-        return {"queued": counts.get(PENDING, 0), "running": counts.get(RETRAINING, 0) - failed, "failed": failed}
+        return {"queued": counts.get(PENDING, 0), "running": counts.get(RETRAINING, 0) - failed, "failed": failed,
+                "additions_pending": adds - len(self.failed_additions), "additions_failed": len(self.failed_additions)}
 
     def status(self) -> dict:
         return {**self.run.status(), "served_generation": self.ensemble.generation, "queue": self.queue()}
@@ -350,10 +387,11 @@ class Service:
     def _unfinished(self) -> bool:
         from sqlalchemy import func, select
 
-        from store.index import DONE, Request
+        from store.index import DONE, Addition, Request
 
         with self.reader.transaction() as s:
-            return bool(s.scalar(select(func.count()).select_from(Request).where(Request.status != DONE)))
+            return bool(s.scalar(select(func.count()).select_from(Request).where(Request.status != DONE))
+                        or s.scalar(select(func.count()).select_from(Addition).where(Addition.status != DONE)))
 
     def _batch(self) -> None:
         """Retrain for every request journaled so far, serve the result, then mark them done.
@@ -380,10 +418,13 @@ class Service:
                         if fresh is not None:
                             self._serve(fresh)
                         finished = self.run.finish_requests()
+                        added = self.run.finish_additions()
                 for req in finished:
                     self.failed.pop(req.id, None)
-                log.info("sisa serve: finished %d requests in %.2f s (retrained shards %s)", len(finished),
-                         time.perf_counter() - start, report.shards_retrained)
+                for add in added:
+                    self.failed_additions.pop(add.id, None)
+                log.info("sisa serve: finished %d requests and %d additions in %.2f s (retrained shards %s)",
+                         len(finished), len(added), time.perf_counter() - start, report.shards_retrained)
                 return
         except Exception as e:
             reason = one_line(e if isinstance(e, SisaError) else f"{type(e).__name__}: {e}")
@@ -391,6 +432,16 @@ class Service:
             for req in self.run.index.requests():
                 if req.status == RETRAINING:
                     self.failed[req.id] = reason
+            for add_id in self._pending_additions():
+                self.failed_additions[add_id] = reason
+
+    def _pending_additions(self) -> list[int]:
+        from sqlalchemy import select
+
+        from store.index import DONE, Addition
+
+        with self.reader.transaction() as s:
+            return list(s.scalars(select(Addition.id).where(Addition.status != DONE)))
 
     def _reload_if_stale(self, every: float = IDLE_CHECK_S) -> None:
         """Serve the index's generation if it is not the one served (at most once per `every` s)."""
@@ -481,18 +532,28 @@ def _build_app(service: Service, token: str | None, predict_open: bool):
                 raise ValueError('name either "ids" or "owners"')
             return self
 
+    class AddBody(BaseModel):
+        """New training samples: a manifest (id,path,label[,owner]) on the server's filesystem, as
+        `sisa add --dataset` takes. It stays part of the run's data: keep it where it is."""
+
+        model_config = ConfigDict(extra="forbid")
+        manifest: str = Field(description="Absolute path of the CSV manifest on the server.")
+
     class Accepted(BaseModel):
         request: str = Field(description="The request's id: poll GET /requests/{id}.")
         status: Literal["queued"]
 
     class RequestState(BaseModel):
         request: str
+        kind: Literal["forget", "add"]
         status: Literal["queued", "running", "done", "failed"]
         created_at: str
         finished_at: Optional[str] = None
-        samples_deleted: int = Field(description="Samples this request deleted (not counting ones deleted before).")
-        already_deleted: int
-        ids_not_found: int
+        samples_deleted: Optional[int] = Field(None, description="A forget: samples it deleted (not counting ones deleted before).")
+        already_deleted: Optional[int] = None
+        ids_not_found: Optional[int] = None
+        samples_added: Optional[int] = Field(None, description="An add: samples it took in.")
+        placed: Optional[dict[str, int]] = Field(None, description="An add: samples placed in each shard.")
         receipt: Optional[dict[str, Any]] = Field(None, description="The deletion receipt, once done.")
         error: Optional[str] = Field(None, description="Why it failed (it is retried when the server restarts).")
 
@@ -541,6 +602,23 @@ def _build_app(service: Service, token: str | None, predict_open: bool):
             check_token(credentials)
 
     # --- errors: one line of JSON, never a traceback ----------------------------------------------
+    async def read_body(request: Request, model, example: str):
+        """The request's body read as JSON (whatever its content type: curl -d sends form-encoded)
+        and validated against `model`; each problem a one-line 4xx."""
+        raw = await request.body()
+        if not raw.strip():
+            raise ApiError(400, f"empty body: send JSON such as {example}")
+        try:
+            data = json.loads(raw)
+        except ValueError as e:
+            raise ApiError(400, f"malformed JSON: {e}") from None
+        if not isinstance(data, dict):
+            raise ApiError(422, f"the body must be a JSON object such as {example}")
+        try:
+            return model.model_validate(data)
+        except ValidationError as e:
+            raise ApiError(422, describe_errors(e.errors())) from None
+
     def error(status: int, message: str):
         headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
         return JSONResponse({"error": one_line(message)}, status, headers=headers)
@@ -561,7 +639,8 @@ def _build_app(service: Service, token: str | None, predict_open: bool):
     async def _bug(request, e: Exception):  # a bug, not the client's fault; the log has the traceback
         return error(500, f"internal error ({type(e).__name__}); the server log has the details")
 
-    app.add_middleware(_BodyLimit, limits={"/forget": FORGET_BODY_LIMIT, "/predict": PREDICT_BODY_LIMIT},
+    app.add_middleware(_BodyLimit, limits={"/forget": FORGET_BODY_LIMIT, "/add": FORGET_BODY_LIMIT,
+                                           "/predict": PREDICT_BODY_LIMIT},
                        default=FORGET_BODY_LIMIT)
 
     # --- routes -----------------------------------------------------------------------------------
@@ -575,21 +654,22 @@ def _build_app(service: Service, token: str | None, predict_open: bool):
 
             Unknown ids: 404 and nothing recorded, unless "ignore_missing". The body may be sent with
             any content type (curl -d sends form-encoded): it is read as JSON."""
-            raw = await request.body()
-            if not raw.strip():
-                raise ApiError(400, 'empty body: send JSON such as {"ids": ["train-00042"]}')
-            try:
-                data = json.loads(raw)
-            except ValueError as e:
-                raise ApiError(400, f"malformed JSON: {e}") from None
-            if not isinstance(data, dict):
-                raise ApiError(422, 'the body must be a JSON object such as {"ids": ["train-00042"]}')
-            try:
-                body = ForgetBody.model_validate(data)
-            except ValidationError as e:
-                raise ApiError(422, describe_errors(e.errors())) from None
+            body = await read_body(request, ForgetBody, '{"ids": ["train-00042"]}')
             public_id = await run_in_threadpool(service.journal, body.ids, body.owners, body.ignore_missing,
                                                 body.receipt_ids)
+            return {"request": public_id, "status": "queued"}
+
+        @app.post("/add", status_code=202, response_model=Accepted, responses=errors,
+                  dependencies=[Depends(needs_token)],
+                  openapi_extra={"requestBody": {"required": True, "content": {
+                      "application/json": {"schema": AddBody.model_json_schema()}}}})
+        async def add(request: Request):
+            """Take in new training samples (durably, before this answers) and queue their training.
+
+            Each goes to the shard with the fewest live samples, at the end of its last slice, as
+            `sisa add` does; only those shards retrain. Ids already in the run: 409, nothing recorded."""
+            body = await read_body(request, AddBody, '{"manifest": "/data/new.csv"}')
+            public_id = await run_in_threadpool(service.journal_addition, body.manifest)
             return {"request": public_id, "status": "queued"}
 
         @app.get("/requests/{request_id}", response_model=RequestState, response_model_exclude_none=True,

@@ -110,14 +110,21 @@ class Request(Base):
 
 
 class Addition(Base):
-    """New training data taken in after creation (`sisa add`): a manifest of image files that the
-    run reads again whenever it retrains, like the data set it was created from."""
+    """New training data taken in after creation (`sisa add`, POST /add): a manifest of image
+    files that the run reads again whenever it retrains, like the data set it was created from.
+    Journaled before any training: pending -> done once every shard that received samples has
+    retrained and gone live."""
 
     __tablename__ = "additions"
     id: Mapped[int] = mapped_column(primary_key=True, autoincrement=True)
     created_at: Mapped[datetime]
     manifest: Mapped[str]  # absolute path
     n_samples: Mapped[int]
+    # Added after the table: an index made before has them added (NULL public id, status done).
+    public_id: Mapped[str | None] = mapped_column(unique=True, default=lambda: f"a-{secrets.token_urlsafe(16)}")
+    status: Mapped[str] = mapped_column(default=PENDING, server_default=DONE)
+    finished_at: Mapped[datetime | None]
+    placed_json: Mapped[str | None]  # {shard: samples placed there}
 
 
 class Replacement(Base):
@@ -140,6 +147,7 @@ class Index:
         self.engine = create_engine(f"sqlite:///{self.path}")
         event.listen(self.engine, "connect", _set_pragmas)
         Base.metadata.create_all(self.engine)
+        _add_missing_columns(self.engine)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
 
     @contextmanager
@@ -265,6 +273,25 @@ def _chunks(items: Iterable, n: int) -> Iterator[list]:
             chunk = []
     if chunk:
         yield chunk
+
+
+def _add_missing_columns(engine) -> None:
+    """Columns added to a table after indexes with that table were written: added to such an
+    index in place (each nullable or with a default), in one transaction. SQLite cannot add a
+    UNIQUE column, so such a column is added without the constraint (its values are random)."""
+    from sqlalchemy import inspect
+    from sqlalchemy.schema import CreateColumn
+
+    with engine.begin() as conn:
+        present = inspect(conn)
+        for table in Base.metadata.sorted_tables:
+            have = {c["name"] for c in present.get_columns(table.name)}
+            for column in table.columns:
+                if column.name not in have:
+                    ddl = str(CreateColumn(column).compile(dialect=engine.dialect))
+                    if column.server_default is None:  # existing rows get NULL
+                        ddl = ddl.replace(" NOT NULL", "")
+                    conn.exec_driver_sql(f'ALTER TABLE {table.name} ADD COLUMN {ddl}')
 
 
 def _set_pragmas(dbapi_conn, _record) -> None:

@@ -225,7 +225,7 @@ def test_real_server_predicts_forgets_and_reports(run_dir, token_file, images, s
 
     st = http.get("/status", headers=AUTH).json()
     assert st["served_generation"] == st["generation"] == g0 + 1
-    assert st["queue"] == {"queued": 0, "running": 0, "failed": 0} and st["samples"]["deleted"] == 1
+    assert st["queue"] == {"queued": 0, "running": 0, "failed": 0, "additions_pending": 0, "additions_failed": 0} and st["samples"]["deleted"] == 1
     assert st["writer"]["command"] == "sisa serve" and st["writer"]["pid"] == server.proc.pid
 
     # curl -d sends the JSON form-encoded: it is accepted all the same
@@ -513,3 +513,78 @@ def test_ray_serve_replicas_predict_and_follow_a_forget(run_dir, images):
     finally:
         ray_serve.shutdown()
         ray.shutdown()
+
+
+# --- POST /add ---------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def new_manifest(tmp_path_factory) -> Path:
+    """Five unseen digits with new ids (rows the run's fixtures never use)."""
+    from sisa.data import load_digits
+
+    from .conftest import N_TRAIN, write_manifest
+
+    d = load_digits().train
+    tail = type(d)(d.ids[N_TRAIN:N_TRAIN + 5], d.images[N_TRAIN:N_TRAIN + 5], d.labels[N_TRAIN:N_TRAIN + 5], [None] * 5)
+    return write_manifest(tmp_path_factory.mktemp("new"), tail, 5, "new", owners=False)
+
+
+def additions(run_dir: Path) -> list[tuple]:
+    from store.index import Addition
+
+    index = Index(run_dir / "index.sqlite")
+    try:
+        with index.transaction() as s:
+            return [(a.public_id, a.status, a.n_samples) for a in s.query(Addition).order_by(Addition.id)]
+    finally:
+        index.close()
+
+
+def test_add_over_http_trains_the_new_samples_in_exactly_and_says_done(api, run_dir, new_manifest, images):
+    g0 = api.get("/health").json()["generation"]
+    r = api.post("/add", json={"manifest": str(new_manifest)}, headers=AUTH)
+    assert r.status_code == 202, r.text
+    public_id = r.json()["request"]
+    assert r.json()["status"] == "queued" and public_id.startswith("a-") and len(public_id) > 16
+    done = wait_state(api, public_id)
+    assert done["status"] == "done" and done["kind"] == "add" and done["samples_added"] == 5, done
+    assert sum(done["placed"].values()) == 5 and "samples_deleted" not in done
+    assert api.get("/health").json()["generation"] == g0 + 1  # one batch, one new generation
+    assert api.post("/predict", files=files(images[:1])).json()["generation"] == g0 + 1
+    st = api.get("/status", headers=AUTH).json()
+    assert st["samples"]["active"] == 245 and st["queue"]["additions_pending"] == 0
+    assert additions(run_dir) == [(public_id, "done", 5)]
+    result = audit(sisa.Run.open(run_dir), retrain=[0, 1, 2])  # the heads bitwise, the new features against the trunk
+    assert result.ok, result.failures
+
+
+def test_bad_additions_get_a_one_line_4xx_and_change_nothing(api, run_dir, new_manifest, tmp_path):
+    before = state(run_dir)
+    add = lambda **kw: api.post("/add", headers={**AUTH, **kw.pop("headers", {})}, **kw)  # noqa: E731
+    shutil.copytree(new_manifest.parent / "img", tmp_path / "img")
+    taken = tmp_path / "taken.csv"
+    taken.write_text(new_manifest.read_text().replace("new-0002,", "train-0002,"))
+    missing_image = tmp_path / "missing.csv"
+    missing_image.write_text("id,path,label\nx-1,img/nope.png,3\n")
+    assert_error(add(json={"manifest": str(taken)}), 409, "ids already in the run", "train-0002")
+    assert_error(add(json={"manifest": str(missing_image)}), 400, "image not found")
+    assert_error(add(json={"manifest": str(tmp_path / "absent.csv")}), 400, "manifest not found")
+    assert_error(add(json={"manifest": "new.csv"}), 400, "absolute path")
+    assert_error(add(content=b'{"manifest": '), 400, "malformed JSON")
+    assert_error(add(content=b""), 400, "empty body")
+    assert_error(add(json={"manifest": str(new_manifest), "shard": 2}), 422, "unknown field")
+    assert_error(add(json={}), 422, "manifest")
+    assert_error(api.post("/add", json={"manifest": str(new_manifest)}), 401, "token")
+    assert_error(api.get("/requests/a-unknown", headers=AUTH), 404, "unknown request id")
+    assert state(run_dir) == before and additions(run_dir) == []
+
+
+def test_an_addition_journaled_before_a_crash_is_trained_at_the_next_start(run_dir, new_manifest):
+    run = sisa.Run.open(run_dir)
+    _, placed, public_id = run.record_addition(new_manifest)  # what a server killed right after the 202 leaves
+    run.close()
+    assert additions(run_dir) == [(public_id, "pending", 5)]
+    with TestClient(create_app(run_dir, TOKEN)) as client:
+        done = wait_state(client, public_id)
+        assert done["status"] == "done" and done["placed"] == {str(k): v for k, v in sorted(placed.items())}
+    assert audit(sisa.Run.open(run_dir)).ok

@@ -60,3 +60,31 @@ def test_lineage_hash_is_order_sensitive_and_unambiguous():
     assert lineage_hash(["a", "b"]) != lineage_hash(["b", "a"])
     assert lineage_hash(["ab"]) != lineage_hash(["a", "b"])
     assert lineage_hash([]) == lineage_hash(iter([]))
+
+
+def test_an_index_written_before_new_columns_gets_them_and_keeps_its_rows(tmp_path):
+    import sqlite3
+    from datetime import datetime
+
+    from sqlalchemy import select
+
+    from store.index import Addition
+
+    path = tmp_path / "index.sqlite"
+    old = sqlite3.connect(path)  # the additions table as the first `sisa add` wrote it
+    old.execute("CREATE TABLE additions (id INTEGER PRIMARY KEY, created_at DATETIME NOT NULL, "
+                "manifest VARCHAR NOT NULL, n_samples INTEGER NOT NULL)")
+    old.execute("INSERT INTO additions VALUES (1, '2026-11-25 10:00:00', '/data/new.csv', 3)")
+    old.commit()
+    old.close()
+    index = Index(path)
+    try:
+        with index.transaction() as s:
+            s.add(Addition(created_at=datetime(2026, 11, 26), manifest="/data/more.csv", n_samples=2))
+        with index.transaction() as s:
+            rows = [(a.id, a.public_id, a.status, a.n_samples) for a in s.scalars(select(Addition).order_by(Addition.id))]
+    finally:
+        index.close()
+    assert rows[0] == (1, None, "done", 3)  # taken in and trained by the `sisa add` that wrote it
+    assert rows[1][1].startswith("a-") and rows[1][2:] == ("pending", 2)
+    Index(path).close()  # opening again adds nothing twice
