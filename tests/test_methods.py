@@ -119,3 +119,29 @@ def test_mia_kit_holds_out_what_the_starting_kit_holds_out(monkeypatch):
     rng = np.random.default_rng(0)
     metrics.mia_kit(rng.exponential(1.0, 300), rng.exponential(2.0, 400))
     assert seen == [60] * 10  # 300 + 300 after balancing, 10% of them in each split's test fold
+
+
+def test_methods_run_on_a_frozen_trunks_features_as_sisas_heads_do():
+    """The public-backbone regime: float features, a linear head; no normalisation of the features
+    (a method fed `to_input(features)` would train on other numbers than SISA's heads)."""
+    gen = torch.Generator().manual_seed(0)
+    centres = 0.6 * torch.randn(10, 32, generator=gen)
+    labels = torch.arange(300) % 10
+    feats = centres[labels] + torch.randn(300, 32, generator=gen)
+    rows = torch.arange(300)
+    task = Task(feats, labels, rows[30:], rows[:30], 10, batch_size=32, seed=1,
+                head=lambda: torch.nn.Linear(32, 10))
+    from benchmarks.methods.common import batches
+
+    x, _ = next(batches(task, task.retain, torch.Generator().manual_seed(0)))
+    assert any(torch.equal(x[0], feats[r]) for r in task.retain)  # fed as they are
+    everything = replace(task, retain=rows)
+    original = train(new_model(task, 1), everything, rows, epochs=5, lr=0.05, seed=1)
+    assert isinstance(original, torch.nn.Linear)
+    assert (logits_of(original, feats).argmax(-1) == labels).float().mean() > 0.9
+    a = retrain.unlearn(task, epochs=2, lr=0.05, seed=1)
+    noise = replace(task, images=feats.clone().index_fill_(0, task.forget, 7.0))
+    assert state_equal(weights(a), weights(retrain.unlearn(noise, epochs=2, lr=0.05, seed=1)))
+    ga = gradient_ascent.unlearn(original, task, epochs=2, lr=0.05)
+    loss = lambda m, r: F.cross_entropy(logits_of(m, feats[r]), labels[r]).item()  # noqa: E731
+    assert loss(ga, task.forget) - loss(original, task.forget) > loss(ga, task.retain) - loss(original, task.retain)

@@ -1,8 +1,12 @@
-"""What the unlearning methods share: a monolithic ResNet-18, its training loop, the data they see.
+"""What the unlearning methods share: a monolithic model, its training loop, the data they see.
 
 The monolithic model uses the project's own constituent (sisa.model) and input pipeline
 (sisa.training.augment, sisa.model.to_input), so Retrain, the approximate methods and SISA
 differ only in what they do, not in how a model is built or fed.
+
+In the public-backbone regime a Task holds a frozen trunk's cached features (floats) instead of
+images and names the head to train (`head`): every method then runs on the head alone, as SISA's
+constituents do, with the features fed as they are (no normalisation, no augmentation).
 """
 from __future__ import annotations
 
@@ -32,6 +36,7 @@ class Task:
     flip: bool = False
     batch_size: int = 64
     seed: int = 0
+    head: Callable[[], nn.Module] | None = None  # features, not images: builds the head to train
 
     @property
     def channels(self) -> int:
@@ -41,8 +46,13 @@ class Task:
 def new_model(task: Task, seed: int) -> nn.Module:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(derive_seed(seed, "monolithic-init"))
-        model = build_model("resnet18", task.channels, task.classes)
+        model = task.head() if task.head is not None else build_model("resnet18", task.channels, task.classes)
     return model.to(task.images.device)
+
+
+def inputs(x: torch.Tensor) -> torch.Tensor:
+    """uint8 images to the network's input range; features (floats) as they are."""
+    return to_input(x) if x.dtype == torch.uint8 else x
 
 
 def batches(task: Task, rows: torch.Tensor, gen: torch.Generator, augmented: bool = True):
@@ -53,7 +63,7 @@ def batches(task: Task, rows: torch.Tensor, gen: torch.Generator, augmented: boo
         x = task.images[idx]
         if augmented:
             x = augment(x, task.crop_pad, task.flip, gen)
-        yield to_input(x), task.labels[idx]
+        yield inputs(x), task.labels[idx]
 
 
 def sgd(model: nn.Module, lr: float, weight_decay: float = 5e-4) -> torch.optim.Optimizer:
@@ -94,4 +104,4 @@ def train(model: nn.Module, task: Task, rows: torch.Tensor, epochs: int, lr: flo
 @torch.no_grad()
 def logits_of(model: nn.Module, images: torch.Tensor, batch: int = 1024) -> torch.Tensor:
     model.eval()
-    return torch.cat([model(to_input(x)).float() for x in torch.split(images, batch)]).cpu()
+    return torch.cat([model(inputs(x)).float() for x in torch.split(images, batch)]).cpu()
