@@ -532,7 +532,9 @@ def status(run_dir: RunDir = Path("sisa-run"), as_json: JsonOut = False):
         run.close()
     c = st["config"]
     human = (f"run {st['run_dir']}: {st['dataset']}, {c['shards']} shards x {c['slices']} slices, "
-             f"{c['epochs']} epochs, {c['arch']}, seed {c['seed']}, generation {st['generation']}\n"
+             f"{c['epochs']} epochs, {c['arch']}, {c.get('precision', 'fp32')}"
+             + (", deterministic" if c.get("deterministic") else "")
+             + f", seed {c['seed']}, generation {st['generation']}\n"
              f"samples: {st['samples']['active']} active, {st['samples']['deleted']} deleted\n"
              f"checkpoints: {st['checkpoints']['live']}/{st['checkpoints']['expected']} live, "
              + ("complete" if st["complete"] else f"incomplete (shards {sorted(st['stale_shards'])}: "

@@ -82,6 +82,7 @@ def test_cli_records_precision_and_determinism(digits_manifest, tmp_path):
     status = json.loads(CliRunner().invoke(app, ["status", "--run-dir", str(run_dir), "--json"]).stdout)
     assert status["config"]["deterministic"] is True
     assert status["config"]["precision"] == "fp32"  # auto on a CPU
+    assert "resnet18, fp32, deterministic, seed 0" in CliRunner().invoke(app, ["status", "--run-dir", str(run_dir)]).stdout
     res = CliRunner().invoke(app, ["train", "--resume", "--precision", "bf16", "--run-dir", str(run_dir)])
     assert res.exit_code == 2 and "--precision bf16 (the run has fp32)" in res.output
     res = CliRunner().invoke(app, ["train", "--dataset", str(train_csv), "--precision", "fp16",
