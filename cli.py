@@ -6,6 +6,7 @@ machine-readable result on stdout.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import sys
@@ -159,7 +160,7 @@ def train(
     crop_pad: Annotated[Optional[int], typer.Option(help="Random-crop padding in pixels. \\[default: per dataset]")] = None,
     flip: Annotated[Optional[bool], typer.Option("--flip/--no-flip", help="Random horizontal flips. \\[default: per dataset]")] = None,
     precision: Annotated[Optional[str], typer.Option(help="Arithmetic: fp32, or bf16 (autocast and channels_last: about twice as fast on a GPU); auto picks bf16 when training on a CUDA GPU. Recorded in the run: every forget uses it too. \\[default: auto]")] = None,
-    deterministic: Annotated[Optional[bool], typer.Option("--deterministic/--no-deterministic", help="Deterministic CUDA kernels (slower): a forget then equals retraining from scratch bit for bit on the same GPU type, which `sisa audit --retrain` checks. CPU training is deterministic always. \\[default: no]")] = None,
+    deterministic: Annotated[bool, typer.Option("--deterministic", help="Deterministic CUDA kernels (about 2% slower on an H100): a forget then equals retraining from scratch bit for bit on the same GPU type, which `sisa audit --retrain --device cuda` checks. CPU training is deterministic always.")] = False,
     run_dir: RunDir = Path("sisa-run"),
     overwrite: Annotated[bool, typer.Option(help="Replace an existing run directory (only a SISA run or an empty folder).")] = False,
     resume: Annotated[bool, typer.Option(help="Finish training an existing run that was interrupted, as it was created.")] = False,
@@ -178,7 +179,7 @@ def train(
 
     options = dict(shards=shards, slices=slices, epochs=epochs, seed=seed, batch_size=batch_size, lr=lr,
                    width=width, trainable=trainable, crop_pad=crop_pad, flip=flip,
-                   precision=None if precision == "auto" else precision, deterministic=deterministic)
+                   precision=None if precision == "auto" else precision, deterministic=deterministic or None)
     if resume:
         if overwrite:
             raise sisa.UsageError("--resume finishes a run and --overwrite replaces it: pass one of them")
@@ -190,12 +191,12 @@ def train(
     else:
         if trainable not in (None, "all"):  # features are computed once: no augmentation unless asked
             options.update(crop_pad=0 if crop_pad is None else crop_pad, flip=False if flip is None else flip)
-        if options["precision"] is None:
-            options["precision"] = "bf16" if _trains_on_cuda(device, executor) else "fp32"
         cfg = sisa.config_for(dataset or "digits", **options)
         cfg.validate()
         check_replaceable(run_dir, overwrite)  # before the data loads: a refusal comes at once
         runner = executor_for(executor, ray_address, gpus_per_task, jobs_per_gpu)
+        if options["precision"] is None:  # auto; asks torch about GPUs, so after the cheap refusals
+            cfg = dataclasses.replace(cfg, precision="bf16" if _trains_on_cuda(device, executor) else "fp32")
         with notices() as note:
             run = sisa.Run.create(run_dir, cfg, data_dir=data_dir or Path("data"), download=download,
                                   test_manifest=test_manifest, overwrite=overwrite, init_from=init_from,
