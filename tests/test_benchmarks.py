@@ -74,3 +74,29 @@ def test_gpu_benchmark_stages_run_and_merge(tmp_path):
     assert det["deterministic"]["forget_equals_retrain"] and det["default"]["forget_equals_retrain"]  # CPU: always
     md = (tmp_path / "gpu_smoke.md").read_text()
     assert "loop / bare" in md and "Deterministic mode" in md
+
+
+def test_serve_latency_benchmark_smoke(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.serve_latency", "--smoke", "--work", str(tmp_path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads((tmp_path / "results" / "serve_latency_smoke.json").read_text())
+    assert res["environment"]["command"].startswith("python -m benchmarks.serve_latency --smoke")
+    serve = res["serve"]
+    for size in ("1", "16"):
+        assert serve["idle"][size]["ok"] > 0 and serve["idle"][size]["p99_ms"] > 0
+        during = serve["during_forgets"][size]
+        assert during["during"]["ok"] > 0 and len(during["forgets"]) >= 2
+    forgets = serve["forgets_no_load"] + [f for d in serve["during_forgets"].values() for f in d["forgets"]]
+    assert all(f["status"] == "done" and f["samples_deleted"] == 1 and f["generation_moved"] == 1 for f in forgets)
+    assert [b["load"] for b in serve["batches"]] == ["none", "4 clients x 1 images", "4 clients x 16 images"]
+    assert all(b["all_done"] and b["samples_deleted"] == 8 for b in serve["batches"])
+    assert res["audit_after_forgets"]["ok"], "the forgets through the server left an exact run"
+    assert {"p99_ratio_1", "p99_ratio_16", "forget_202_to_done", "zero_failed_predictions",
+            "batch_one_retraining"} <= res["targets"].keys()
+    add = res["add"]
+    assert add["add"]["samples_added"] == add["new_samples"] == 40
+    assert {"before", "after", "retrain_all", "retrain_all_cached_features"} <= add.keys()
+    assert add["retrain_all_cached_features"]["checkpoints_identical_to_retrain_all"]
+    md = (tmp_path / "results" / "serve_latency_smoke.md").read_text()
+    assert "## /predict latency" in md and "## `sisa add`" in md and "| zero failed predictions |" in md
