@@ -355,8 +355,8 @@ class Run:
         staged = {job.shard: self._adopt_staged(job) for job in jobs}
         for job in jobs:
             report.slices_reused[job.shard] = [s.slice for s in staged[job.shard]]
-        tasks = [self._task(job, staged[job.shard]) for job in jobs
-                 if job.start + len(staged[job.shard]) < self.config.slices]
+        tasks = [task for job in jobs if job.start + len(staged[job.shard]) < self.config.slices
+                 if (task := self._task(job, staged[job.shard])) is not None]
         data = None
         if tasks and not self.config.frozen:  # a frozen trunk's jobs read cached features instead
             data = self.dataset()
@@ -414,7 +414,7 @@ class Run:
             adopted.append(found)
         return adopted
 
-    def _task(self, job: ShardJob, staged: list[SavedSlice] = ()) -> ShardTask:
+    def _task(self, job: ShardJob, staged: list[SavedSlice] = ()) -> ShardTask | None:
         """A shard job as plain values a worker anywhere can run (paths absolute), resuming after
         the staged slices if there are any."""
         import torch
@@ -430,6 +430,11 @@ class Run:
         else:
             start_path = start_sha = None
         recorded = self.index.content_hashes(job.shard)
+        if any(recorded[x] is None for ids in job.slice_ids for x in ids):
+            # A sample deleted since the job was planned (a request journaled meanwhile: `sisa
+            # serve` takes requests while it retrains): the job is out of date already. Skipped;
+            # the shard stays stale and the next complete() plans it afresh.
+            return None
         digest = hashlib.sha256("".join(recorded[x] for ids in job.slice_ids for x in ids).encode()).hexdigest()
         dataset = self.config.dataset
         if dataset.endswith(".csv"):
@@ -484,7 +489,9 @@ class Run:
         for job in jobs:
             recorded.update(self.index.content_hashes(job.shard))
         hashes = data.train.sample_hashes()
-        changed = [sid for sid, r in present.items() if hashes[r] != recorded[sid]]
+        # A hash gone since the jobs were planned is a deletion journaled meanwhile, not changed data:
+        # that job trains on what it was planned with, and its shard is retrained again after.
+        changed = [sid for sid, r in present.items() if recorded[sid] is not None and hashes[r] != recorded[sid]]
         if changed:
             raise SisaError(f"{len(changed)} retained samples changed since the run was created, "
                             f"e.g. {changed[0]!r}: retraining on other data would not be exact")

@@ -61,3 +61,36 @@ def test_reads_work_and_writers_wait_during_a_forget(trained_run, tmp_path, digi
     assert ensemble.is_stale()
     fresh = ensemble.reload()
     assert fresh.generation == ensemble.generation + 1 and not fresh.is_stale()
+
+
+def test_a_request_journaled_while_complete_plans_its_jobs_is_retrained_next_round(trained_run, monkeypatch):
+    """`sisa serve` journals requests while its writer retrains. One landing between planning a
+    shard's job and reading its samples' hashes once crashed complete() (a deleted sample has no
+    hash); now that job waits for the next round, and the result is still exact."""
+    from sisa.audit import audit
+    from sisa.run import Run
+
+    run = Run.open(trained_run)
+    a, b = [x for ids in run.retained(0)[1] for x in ids][:2]
+    run.record_request(ids=[a])
+    planned = Run.shard_jobs
+    journaled = []
+
+    def shard_jobs(self, *args, **kw):
+        jobs = planned(self, *args, **kw)
+        if not journaled:  # a /forget handler, right after the writer planned its jobs
+            other = Run.open(trained_run)
+            journaled.append(other.record_request(ids=[b]))
+            other.close()
+        return jobs
+
+    monkeypatch.setattr(Run, "shard_jobs", shard_jobs)
+    first = run.complete()
+    assert journaled and 0 not in first.shards_retrained  # its job was out of date: skipped
+    monkeypatch.setattr(Run, "shard_jobs", planned)
+    second = run.complete()
+    assert 0 in second.shards_retrained and not run.shard_jobs()
+    assert len(run.finish_requests()) == 2
+    report = audit(run, retrain=[0])
+    assert report.ok, report.failures
+    run.close()
