@@ -3,6 +3,11 @@
 `unlearn` is plain GA (OPTML's recipe: a few epochs at a small lr). `unlearn_dual` is the
 dual-phase form: each epoch an ascent pass on the forget set at lr*beta, then a descent pass on
 the retain set at lr, which repairs what the ascent broke.
+
+Against SalUn's `Classification/unlearn/GA.py` (github.com/OPTML-Group/Unlearn-Saliency): plain
+GA there is SGD with momentum 0.9 and weight decay 5e-4 at a constant lr over the forget set
+only; ours matches that except that `common.sgd`'s momentum is Nesterov's. The dual-phase form
+has no single reference; its ascent runs without weight decay.
 """
 from __future__ import annotations
 
@@ -30,7 +35,7 @@ def _pass(model, opt, task: Task, rows, gen, sign: float) -> None:
 def unlearn(original, task: Task, epochs: int, lr: float, seed: int = 0):
     model = copy.deepcopy(original).train()
     gen = torch.Generator().manual_seed(derive_seed(seed, "ga"))
-    opt = sgd(model, lr, weight_decay=0.0)
+    opt = sgd(model, lr)  # weight decay 5e-4, as SalUn's GA
     for _ in range(epochs):
         _pass(model, opt, task, task.forget, gen, sign=-1.0)
     return model.eval()
