@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks.methods.deltagrad import (LBFGS, DeltaGradConfig, accuracy, deltagrad_forget, features,
-                                          resnet18_trajectory_bytes, retrain, train, trajectory_bytes)
+from benchmarks.methods.deltagrad import (LBFGS, DeltaGradConfig, _Batches, accuracy, deltagrad_forget, features,
+                                          resnet18_trajectory_bytes, retrain, schedule, step_sizes, train,
+                                          trajectory_bytes)
 from sisa.data import load_dataset
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "datasets"
@@ -170,3 +171,124 @@ def test_cache_size_and_resnet18_infeasibility(trained):
     assert r["params"] > 10_000_000  # counted from sisa.model.build_model, not assumed
     assert r["bytes"] == 2 * r["params"] * 4 * iterations
     assert r["bytes"] > 1e12 * 0.9  # about a terabyte in fp32: not feasible to cache
+
+
+# ---------------------------------------------------------------- mini-batch cost, step-size schedule, features
+
+# The authors' MNIST setting, scaled down: mini-batches, T0 5, j0 20 (iterations, not epochs), m 2,
+# and their step-size schedule (0.1, then 0.05 from half-way).
+SGD = DeltaGradConfig(model="logreg", lr=0.1, lr_schedule=((5, 0.05),), epochs=10, batch_size=256,
+                      l2=1e-4, T0=5, j0=20, m=2, seed=2)
+
+
+def naive_sgd(X, y, removed_idx, cfg: DeltaGradConfig) -> torch.Tensor:
+    """Retraining written out independently of the module's batching and model code: the same
+    batch order, the removed rows dropped by fancy indexing, autograd through X @ W + b, and the
+    step size looked up per epoch."""
+    X = features(X)
+    keep = torch.ones(len(X), dtype=torch.bool)
+    keep[removed_idx] = False
+    d = X.shape[1]
+    w = torch.zeros(d * 10 + 10, dtype=torch.float64)
+    per_epoch = math.ceil(len(X) / cfg.batch_size)
+    for t, batch in enumerate(schedule(len(X), cfg)):
+        lr = cfg.lr
+        for start, value in cfg.lr_schedule:
+            if t // per_epoch >= start:
+                lr = value
+        rows = batch[keep[batch]]
+        if not len(rows):
+            continue
+        v = w.clone().requires_grad_(True)
+        loss = torch.nn.functional.cross_entropy(X[rows] @ v[:d * 10].view(d, 10) + v[d * 10:], y[rows], reduction="sum")
+        g = torch.autograd.grad(loss, v)[0] / len(rows) + cfg.l2 * w
+        w = w - lr * g
+    return w
+
+
+def test_step_sizes_follow_the_schedule():
+    assert step_sizes(1000, SGD) == [0.1] * 20 + [0.05] * 20  # 4 batches of 256 per epoch
+    assert step_sizes(1000, DeltaGradConfig(epochs=3)) == [0.1] * 3  # full batch: one iteration an epoch
+    gd = DeltaGradConfig(epochs=4, lr=0.2, lr_schedule=((1, 0.1), (3, 0.01)))
+    assert step_sizes(1000, gd) == [0.2, 0.1, 0.1, 0.01]
+    for bad in (((3, 0.1), (2, 0.05)), ((1, 0.1), (1, 0.05)), ((-1, 0.1),), ((2, 0.0),)):
+        with pytest.raises(ValueError):
+            DeltaGradConfig(lr_schedule=bad)
+    assert DeltaGradConfig(lr_schedule=[[10, 0.05]]).lr_schedule == ((10, 0.05),)  # from JSON
+
+
+def test_minibatch_retrain_is_plain_sgd_with_the_schedule(mnist):
+    """retrain() (lazy gathers into a reused buffer, the weights' (out, in) copy) computes what a
+    naive SGD loop computes, to float64 rounding; and the schedule's step sizes are used."""
+    X, y, _, _ = mnist
+    X, y = X[:1000], y[:1000]
+    gone = forget_set(0.05, n=1000)
+    w_rt, _ = retrain(X, y, gone, SGD)
+    torch.testing.assert_close(w_rt, naive_sgd(X, y, gone, SGD), rtol=0, atol=1e-12)
+    constant = DeltaGradConfig(**{**SGD.__dict__, "lr_schedule": ()})
+    assert (retrain(X, y, gone, constant)[0] - w_rt).norm() > 1e-3 * w_rt.norm()
+
+
+def test_scheduled_replay_is_exact_at_T0_1_and_close_otherwise(mnist):
+    """With the schedule, DeltaGrad's exact branch steps like retraining (same rows, same step
+    sizes), and its approximate steps, taken with iteration t's step size, land near it."""
+    X, y, Xt, yt = mnist
+    gone = forget_set(0.01)
+    w0, traj, _ = train(X, y, SGD)
+    w_rt, rt = retrain(X, y, gone, SGD)
+    w_exact, ex = deltagrad_forget(X, y, gone, traj, DeltaGradConfig(**{**SGD.__dict__, "T0": 1}))
+    assert ex.exact_gradients == rt.exact_gradients
+    torch.testing.assert_close(w_exact, w_rt, rtol=0, atol=1e-12)
+    w_dg, dg = deltagrad_forget(X, y, gone, traj, SGD)
+    assert dg.exact_gradients == exact_iterations(SGD, len(traj.params)) < rt.exact_gradients
+    assert (w_dg - w_rt).norm() < 0.1 * (w0 - w_rt).norm()  # observed 0.047 (8 small batches an epoch)
+    assert abs(accuracy(w_dg, Xt, yt, SGD) - accuracy(w_rt, Xt, yt, SGD)) <= 0.005
+
+
+def test_approximate_iterations_gather_no_kept_rows(mnist, monkeypatch):
+    """The defect: every iteration gathered its batch's kept rows (16k x 784 float64 at the
+    authors' batch size), approximate ones included. Only exact iterations may now."""
+    X, y, _, _ = mnist
+    gone = forget_set(0.01)
+    _, traj, _ = train(X, y, SGD)
+    calls = []
+    original = _Batches.kept
+    monkeypatch.setattr(_Batches, "kept", lambda self, t: calls.append(t) or original(self, t))
+    _, dg = deltagrad_forget(X, y, gone, traj, SGD)
+    exact = [t for t in range(len(traj.params)) if t <= SGD.j0 or (t - SGD.j0) % SGD.T0 == 0]
+    assert calls == exact and dg.exact_gradients == len(exact) < len(traj.params) / 2
+
+
+def test_features_scale_uint8_images_and_pass_float_matrices_through():
+    images = torch.tensor([[[[0, 51], [255, 102]]]], dtype=torch.uint8)  # (1, 1, 2, 2)
+    x = features(images)
+    assert x.dtype == torch.float64 and x.shape == (1, 4)
+    torch.testing.assert_close(x, torch.tensor([[0.0, 0.2, 1.0, 0.4]], dtype=torch.float64), rtol=0, atol=1e-15)
+    assert features(images, torch.float32).dtype == torch.float32
+    trunk = torch.tensor([[3.5, -2.0, 700.0]], dtype=torch.float32)  # e.g. a frozen trunk's outputs
+    out = features(trunk)
+    assert out.dtype == torch.float64 and torch.equal(out, trunk.double())  # cast, not divided by 255
+    as_is = torch.randn(5, 3, dtype=torch.float64)
+    assert features(as_is).data_ptr() == as_is.data_ptr()  # already the right matrix: no copy
+    with pytest.raises(TypeError):
+        features(torch.ones(2, 3, dtype=torch.long))
+
+
+def test_deltagrad_on_float_feature_matrix(mnist):
+    """DeltaGrad's own convex setting on a frozen trunk's features: multinomial logistic
+    regression on a float (N, 128) matrix (here a fixed random ReLU projection of the pixels, given
+    as float32 and not rescaled), with a class count other than 10."""
+    X, y, _, _ = mnist
+    gen = torch.Generator().manual_seed(0)
+    proj = torch.randn(X.shape[1], 128, generator=gen, dtype=torch.float64) / math.sqrt(X.shape[1])
+    Z = torch.relu(X @ proj).float()
+    y5 = y % 5
+    cfg = DeltaGradConfig(model="logreg", classes=5, lr=0.2, lr_schedule=((30, 0.1),), epochs=60, l2=1e-3,
+                          T0=5, j0=10, m=2, seed=0)
+    gone = forget_set(0.02)
+    w0, traj, _ = train(Z, y5, cfg)
+    assert traj.params.shape[1] == 128 * 5 + 5
+    w_rt, _ = retrain(Z, y5, gone, cfg)
+    w_dg, dg = deltagrad_forget(Z, y5, gone, traj, cfg)
+    assert (w_dg - w_rt).norm() < 0.02 * (w0 - w_rt).norm()  # observed 0.0045
+    assert accuracy(w_dg, Z, y5, cfg) > 0.5  # it learnt something from the features
