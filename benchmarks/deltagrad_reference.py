@@ -194,7 +194,9 @@ Each repeat (the 1-minute load average is read after it):
 Load average at the start: {load_start[0]:.2f} / {load_start[1]:.2f} / {load_start[2]:.2f} (1 / 5 / 15 min), on a machine with
 {os.cpu_count()} cores shared with other workers.
 """
-    js, mdp = write_results("deltagrad_mnist_cpu", payload, md)
+    name = "deltagrad_mnist_cpu" + ("" if args.threads == 2 else f"_{args.threads}threads") + \
+        ("" if args.n_train is None else f"_n{args.n_train}")
+    js, mdp = write_results(name, payload, md)
     print(md)
     print(f"wrote {js} and {mdp}")
 
