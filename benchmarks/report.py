@@ -8,6 +8,9 @@ COLUMNS = [("forget_acc", "forget acc"), ("retain_acc", "retain acc"), ("test_ac
            ("seconds", "time s"), ("speedup", "speed-up")]
 
 
+CHANCE_FACTOR = 2  # an ensemble under this multiple of chance accuracy is flagged as a broken experiment
+
+
 def _fmt(v) -> str:
     return f"{v:.2f}" if isinstance(v, float) else str(v)
 
@@ -21,9 +24,27 @@ def render(results: dict, out: str, folder=RESULTS) -> str:
     for ds, res in results["datasets"].items():
         m = res["methods"]
         o = m["original"]
-        lines += [f"## {ds} ({res['train_samples']} training samples)", "",
-                  f"Original model: train accuracy {o['train_acc']:.2f}%, test accuracy {o['test_acc']:.2f}%, "
-                  f"trained in {o['train_seconds']:.1f} s. SISA training: {m['sisa_train_seconds']:.1f} s.", ""]
+        st = results["setting"]
+        lines += [f"## {ds} ({res['train_samples']} training samples)", ""]
+        if "train_test_gap" in o:
+            lines += [f"Original model (ResNet-18, width {st.get('width', 64)}, {o['epochs']} epochs, lr {st['lr']}, "
+                      f"batch {st['batch_size']}): train accuracy {o['train_acc']:.2f}%, test accuracy "
+                      f"{o['test_acc']:.2f}%, **train/test gap {o['train_test_gap']:.2f} points**; trained in "
+                      f"{o['train_seconds']:.1f} s.", ""]
+            if not o["memorised"]:
+                lines += [f"**WARNING: the original model does NOT memorise its training set: train accuracy "
+                          f"{o['train_acc']:.2f}% < {o['memorised_threshold']}%. Approximate methods start from a "
+                          f"model with little to forget; train it longer.**", ""]
+        else:
+            lines += [f"Original model: train accuracy {o['train_acc']:.2f}%, test accuracy {o['test_acc']:.2f}%, "
+                      f"trained in {o['train_seconds']:.1f} s.", ""]
+        if "sisa_config" in m:
+            c = m["sisa_config"]
+            lines += [f"SISA as a user trains it: S = {c['shards']}, R = {c['slices']}, e = {c['epochs']}, batch "
+                      f"{c['batch_size']}, lr {c['lr']}, width {c['width']}, crop {c['crop_pad']} "
+                      f"(sisa.RunConfig's defaults except the width); trained in {m['sisa_train_seconds']:.1f} s.", ""]
+        else:
+            lines += [f"SISA training: {m['sisa_train_seconds']:.1f} s.", ""]
         for frac, block in m["fractions"].items():
             lines += [f"### forget {float(frac):.0%} ({block['forget_size']} samples)", "",
                       "| method | " + " | ".join(c for _, c in COLUMNS) + " | chosen hyper-parameters |",
@@ -47,12 +68,7 @@ def render(results: dict, out: str, folder=RESULTS) -> str:
                          f"{bat['sample_epochs']} ({bat['sample_epochs'] / p['retrain_once_sample_epochs']:.3f}) | "
                          f"{p['model_batch_fraction']:.3f} | {bat['shards_retrained']} ({p['model_shards_hit']:.2f}) | "
                          f"{bat['seconds']:.1f} |")
-        sv = res["accuracy_vs_shards"]
-        lines += ["", f"### Ensemble test accuracy against S (R = 1, {sv['epochs']} epochs: equal total compute)", "",
-                  "| S | vote | mean softmax | mean constituent | train s |", "|---|---|---|---|---|"]
-        lines += [f"| {p['shards']} | {p['vote']:.2f} | {p['mean']:.2f} | {p['mean_constituent']:.2f} | {p['seconds']:.1f} |"
-                  for p in sv["points"]]
-        lines.append("")
+        lines += [""] + shard_tables(res)
     dg = results.get("deltagrad", {})
     if dg:
         r18 = dg["resnet18"]
@@ -70,8 +86,56 @@ def render(results: dict, out: str, folder=RESULTS) -> str:
         lines.append("")
     plots = plot(results, out, folder)
     lines += [f"![{p.stem}]({p.name})" for p in plots]
-    lines.append(f"\nTotal benchmark time: {results['seconds'] / 60:.1f} min.")
+    lines.append(f"\nTotal benchmark time: {results['seconds'] / 60:.1f} min"
+                 + (f" (this process's CPU time {results['cpu_seconds'] / 60:.1f} min)." if "cpu_seconds" in results
+                    else "."))
+    for ds, res in results["datasets"].items():
+        if "section_seconds" in res:
+            lines.append(f"{ds} sections: " + ", ".join(f"{k} {v:.0f} s" for k, v in res["section_seconds"].items())
+                         + (f"; DeltaGrad {results['deltagrad_seconds']:.0f} s." if "deltagrad_seconds" in results else "."))
+    if "load_avg_1min" in results:
+        lines.append("1-minute load average (2 cores; other work shares them): "
+                     + ", ".join(f"{k} {v:.2f}" for k, v in results["load_avg_1min"]) + ".")
     return "\n".join(lines)
+
+
+def shard_tables(res: dict) -> list[str]:
+    """Both accuracy-against-S views, each point with its batch, epochs and steps; a point at
+    chance is flagged: it would mean a broken experiment, not a property of SISA."""
+    chance = res.get("chance", 10.0)
+    lines = []
+    for key in ("accuracy_vs_shards", "accuracy_vs_shards_steps"):
+        if key not in res:
+            continue
+        sv = res[key]
+        if key == "accuracy_vs_shards":
+            extra = (f", batch cut to give at least {sv['min_batches_per_epoch']} batches per epoch"
+                     if "min_batches_per_epoch" in sv else "")
+            lines += [f"### Ensemble test accuracy against S, view (a): equal sample-epochs "
+                      f"(R = 1, {sv['epochs']} epochs for every S{extra}: equal total compute)", ""]
+        else:
+            lines += [f"### Ensemble test accuracy against S, view (b): equal optimiser steps per constituent "
+                      f"(R = 1, about {sv['steps']} steps at batch {sv['batch_size']} for every constituent: each "
+                      "trained to convergence, total compute grows with S)", ""]
+        if "steps_per_constituent" in sv["points"][0]:
+            lines += ["| S | vote | mean softmax | mean constituent | worst constituent | epochs | batch | "
+                      "steps per constituent | sample-epochs | train s |", "|---" * 10 + "|"]
+            for p in sv["points"]:
+                steps = "-".join(str(v) for v in sorted(set(p["steps_per_constituent"])))
+                lines.append(f"| {p['shards']} | {p['vote']:.2f} | {p['mean']:.2f} | {p['mean_constituent']:.2f} | "
+                             f"{p['min_constituent']:.2f} | {p['epochs']} | {p['batch_size']} | {steps} | "
+                             f"{p['sample_epochs']} | {p['seconds']:.1f} |")
+        else:
+            lines += ["| S | vote | mean softmax | mean constituent | train s |", "|---|---|---|---|---|"]
+            lines += [f"| {p['shards']} | {p['vote']:.2f} | {p['mean']:.2f} | {p['mean_constituent']:.2f} | "
+                      f"{p['seconds']:.1f} |" for p in sv["points"]]
+        broken = [p["shards"] for p in sv["points"] if max(p["vote"], p["mean"]) < CHANCE_FACTOR * chance]
+        if broken:
+            lines += ["", f"**WARNING: S = {', '.join(map(str, broken))} scored under {CHANCE_FACTOR}x chance "
+                          f"({CHANCE_FACTOR * chance:.0f}%): a broken experiment (too few steps per constituent?), "
+                          "not a result.**"]
+        lines.append("")
+    return lines
 
 
 def plot(results: dict, out: str, folder=RESULTS) -> list:
@@ -113,13 +177,18 @@ def plot(results: dict, out: str, folder=RESULTS) -> list:
         fig.tight_layout()
         paths.append(_save(fig, folder / f"{out}_{ds}_cost.png"))
 
-        sv = res["accuracy_vs_shards"]["points"]
-        fig, ax = plt.subplots(figsize=(5.5, 4))
-        S = [p["shards"] for p in sv]
-        for key, label in (("vote", "majority vote"), ("mean", "mean softmax"), ("mean_constituent", "one constituent")):
-            ax.plot(S, [p[key] for p in sv], "o-", label=label)
-        ax.set(xscale="log", xlabel="shards S", ylabel="test accuracy (%)", title=f"{ds}: accuracy vs S (equal compute)")
-        ax.legend(fontsize=8)
+        views = [(k, t) for k, t in (("accuracy_vs_shards", "equal sample-epochs"),
+                                     ("accuracy_vs_shards_steps", "equal steps per constituent")) if k in res]
+        fig, axes = plt.subplots(1, len(views), figsize=(5.5 * len(views), 4), squeeze=False, sharey=True)
+        for ax, (key, title) in zip(axes[0], views):
+            sv = res[key]["points"]
+            S = [p["shards"] for p in sv]
+            for k, label in (("vote", "majority vote"), ("mean", "mean softmax"), ("mean_constituent", "one constituent")):
+                ax.plot(S, [p[k] for p in sv], "o-", label=label)
+            ax.axhline(res.get("chance", 10.0), color="k", alpha=0.3, ls=":", label="chance")
+            ax.set(xscale="log", xlabel="shards S", ylabel="test accuracy (%)", title=f"{ds}: accuracy vs S ({title})")
+            ax.set_xticks(S, [str(v) for v in S])
+            ax.legend(fontsize=8)
         fig.tight_layout()
         paths.append(_save(fig, folder / f"{out}_{ds}_shards.png"))
     return paths

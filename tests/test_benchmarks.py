@@ -19,7 +19,7 @@ def test_unlearning_benchmark_smoke(tmp_path):
     assert env["command"].startswith("python -m benchmarks.unlearning --smoke") and env["torch"] and env["hardware"]
     digits = res["datasets"]["digits"]
     methods = digits["methods"]["fractions"]["0.1"]["methods"]
-    assert list(methods) == ["Retrain", "FT", "GA", "GA (dual)", "NegGrad+", "SISA"]
+    assert list(methods) == ["Retrain", "FT", "GA", "GA (dual)", "NegGrad+", "SCRUB", "SalUn", "SISA"]
     for name, row in methods.items():
         assert {"forget_acc", "retain_acc", "test_acc", "mia_kit", "mia_efficacy", "gap_to_retrain",
                 "seconds", "speedup"} <= row.keys(), name
@@ -27,11 +27,19 @@ def test_unlearning_benchmark_smoke(tmp_path):
     assert methods["Retrain"]["gap_to_retrain"] == 0
     assert [p["k"] for p in digits["cost_curve"]["points"]] == [1, 2]
     assert [p["shards"] for p in digits["accuracy_vs_shards"]["points"]] == [1, 2]
+    assert [p["shards"] for p in digits["accuracy_vs_shards_steps"]["points"]] == [1, 2]
+    for p in digits["accuracy_vs_shards_steps"]["points"]:  # view (b): about the same steps for every S
+        assert min(p["steps_per_constituent"]) >= digits["accuracy_vs_shards_steps"]["steps"]
+    original = digits["methods"]["original"]
+    assert original["train_test_gap"] == original["train_acc"] - original["test_acc"]
     assert res["deltagrad"]["resnet18"]["cache_bytes"] > 1e11
     if "skipped" not in res["deltagrad"]:  # MNIST lives in ../shared/datasets
         assert {r["model"] for r in res["deltagrad"]["rows"]} == {"logreg", "mlp"}
     md = (tmp_path / "unlearning_smoke.md").read_text()
-    assert "| SISA |" in md and "gap to Retrain" in md
+    assert "| SISA |" in md and "gap to Retrain" in md and "train/test gap" in md
+    assert "view (a): equal sample-epochs" in md and "view (b): equal optimiser steps" in md
+    if not original["memorised"]:  # one epoch on 120 samples: the report must say so loudly
+        assert "does NOT memorise" in md
     for png in ("methods", "cost", "shards"):
         assert (tmp_path / f"unlearning_smoke_digits_{png}.png").stat().st_size > 1000
 
