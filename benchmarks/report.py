@@ -38,11 +38,19 @@ def render(results: dict, out: str, folder=RESULTS) -> str:
         else:
             lines += [f"Original model: train accuracy {o['train_acc']:.2f}%, test accuracy {o['test_acc']:.2f}%, "
                       f"trained in {o['train_seconds']:.1f} s.", ""]
-        if "sisa_config" in m:
-            c = m["sisa_config"]
+        if "sisa_variants" in m:
+            v = m["sisa_variants"]
+            c = v["SISA"]["config"]
             lines += [f"SISA as a user trains it: S = {c['shards']}, R = {c['slices']}, e = {c['epochs']}, batch "
                       f"{c['batch_size']}, lr {c['lr']}, width {c['width']}, crop {c['crop_pad']} "
-                      f"(sisa.RunConfig's defaults except the width); trained in {m['sisa_train_seconds']:.1f} s.", ""]
+                      f"({_defaults_note(c)}): {v['SISA']['steps_per_constituent']} optimiser "
+                      f"steps per constituent; trained in {v['SISA']['train_seconds']:.1f} s."]
+            if "SISA (converged)" in v:
+                cc = v["SISA (converged)"]
+                lines += [f"SISA (converged): the same with e = {cc['config']['epochs']}, the product's e raised until "
+                          f"every constituent takes at least as many steps as in view (b) below "
+                          f"({cc['steps_per_constituent']}); trained in {cc['train_seconds']:.1f} s."]
+            lines.append("")
         else:
             lines += [f"SISA training: {m['sisa_train_seconds']:.1f} s.", ""]
         for frac, block in m["fractions"].items():
@@ -51,9 +59,11 @@ def render(results: dict, out: str, folder=RESULTS) -> str:
                       "|---" * (len(COLUMNS) + 2) + "|"]
             for name, row in block["methods"].items():
                 extra = row.get("hp", "")
-                if name == "SISA":
+                if name.startswith("SISA"):
                     extra = (f"{row['shards_retrained']} shards / {row['slices_retrained']} slice steps retrained, "
                              f"{row['sample_epochs']} of {row['full_sample_epochs']} sample-epochs")
+                    if "epochs" in row:
+                        extra = f"e = {row['epochs']} ({row['steps_per_constituent']} steps per constituent); " + extra
                 lines.append(f"| {name} | " + " | ".join(_fmt(row[k]) for k, _ in COLUMNS) + f" | {extra} |")
             lines.append("")
         cc = res["cost_curve"]
@@ -97,6 +107,14 @@ def render(results: dict, out: str, folder=RESULTS) -> str:
         lines.append("1-minute load average (2 cores; other work shares them): "
                      + ", ".join(f"{k} {v:.2f}" for k, v in results["load_avg_1min"]) + ".")
     return "\n".join(lines)
+
+
+def _defaults_note(config: dict) -> str:
+    from sisa.config import RunConfig
+
+    default = RunConfig()
+    changed = [k for k in ("epochs", "batch_size", "lr", "width") if config[k] != getattr(default, k)]
+    return "sisa.RunConfig's defaults" + (f" except {', '.join(changed)}" if changed else "")
 
 
 def shard_tables(res: dict) -> list[str]:
@@ -153,7 +171,7 @@ def plot(results: dict, out: str, folder=RESULTS) -> list:
         fig, axes = plt.subplots(1, len(fracs), figsize=(5.5 * len(fracs), 4), squeeze=False)
         for ax, (frac, block) in zip(axes[0], fracs.items()):
             for name, row in block["methods"].items():
-                ax.scatter(row["seconds"], row["test_acc"], s=40, marker="*" if name == "SISA" else "o")
+                ax.scatter(row["seconds"], row["test_acc"], s=40, marker="*" if name.startswith("SISA") else "o")
                 ax.annotate(f"{name} (gap {row['gap_to_retrain']:.1f})", (row["seconds"], row["test_acc"]),
                             fontsize=8, xytext=(4, 4), textcoords="offset points")
             ax.set_xscale("log")
