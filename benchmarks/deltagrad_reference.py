@@ -171,6 +171,10 @@ retrained in {q['reference_retrain_s']} s and replayed in {q['reference_deltagra
 (repeats {q['reference_speedup_range'][0]}-{q['reference_speedup_range'][1]}x); this project's code before the fix took
 {q['ours_before_retrain_s']} s and {q['ours_before_deltagrad_s']} s ({q['ours_before_speedup']}x). Absolute seconds depend
 on how busy the shared machine is (1-minute load average per repeat below); compare speed-ups.
+When the load exceeds the cores, every multi-threaded operation waits for a time slice for its second
+thread (a 40 x 10 cross-entropy took 10 ms with 2 threads, 0.4 ms with 1, under a load of 5); the
+replay's approximate iterations are many small operations, so they suffer most, and DeltaGrad's
+times then scatter widely between repeats. `--threads 1` measures the work with less of that noise.
 
 The fix: an approximate iteration now touches only its batch's removed rows and the cached
 w_t, g_t; before it, every iteration gathered its batch's kept rows (about 16k x 784 float64), approximate
