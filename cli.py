@@ -146,9 +146,11 @@ def train(
     shards: Annotated[Optional[int], typer.Option(help="S: number of shards, one constituent model each. \\[default: 5]")] = None,
     slices: Annotated[Optional[int], typer.Option(help="R: slices per shard, one checkpoint after each. \\[default: 4]")] = None,
     epochs: Annotated[Optional[int], typer.Option(help="Epochs an unsliced shard would get (SISA spreads 2R/(R+1)x that). \\[default: 12]")] = None,
-    dataset: Annotated[Optional[str], typer.Option(help="digits, mnist, fashion-mnist, cifar10, or a CSV manifest id,path,label[,owner]. \\[default: digits]")] = None,
+    dataset: Annotated[Optional[str], typer.Option(help="digits, mnist, fashion-mnist, cifar10, a CSV manifest id,path,label[,owner], or a folder with one subfolder of images per class (ids: paths relative to it; owners from its owners.csv id,owner). \\[default: digits]")] = None,
     data_dir: Annotated[Optional[Path], typer.Option(help="Where mnist/fashion-mnist/cifar10 files live (torchvision layout). \\[default: data]")] = None,
-    test_manifest: Annotated[Optional[Path], typer.Option(help="Test-set manifest for a CSV dataset (for `evaluate`).")] = None,
+    test_manifest: Annotated[Optional[Path], typer.Option("--test-manifest", help="Test split of a CSV or folder dataset: a manifest (or a folder, as --test-dir). Its accuracy ends `train` and `forget`; `evaluate` reports it.")] = None,
+    test_dir: Annotated[Optional[Path], typer.Option("--test-dir", help="Test split of a CSV or folder dataset: a folder with a subfolder per class (a subset of the training classes).")] = None,
+    image_size: Annotated[Optional[str], typer.Option("--image-size", help="Resize every image to N x N or H x W pixels (`32`, `24x32`) when it is loaded, with Pillow's BILINEAR filter; recorded in the run. Needed when the images have different sizes.")] = None,
     download: Annotated[bool, typer.Option(help="Download cifar10 into --data-dir if it is missing.")] = False,
     seed: Annotated[Optional[int], typer.Option(help="Seed of the partition, initial weights and every slice's randomness. \\[default: 0]")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Training batch size. \\[default: 64]")] = None,
@@ -169,6 +171,7 @@ def train(
     ray_address: RayAddress = None,
     gpus_per_task: GpusPerTask = None,
     jobs_per_gpu: JobsPerGpu = None,
+    no_eval: Annotated[bool, typer.Option("--no-eval", help="Skip the ensemble's test accuracy that ends the command (one pass of the test split through every constituent).")] = False,
     as_json: JsonOut = False,
 ):
     """Partition the data into shards and slices, then train every shard's ResNet-18 slice by slice.
@@ -180,6 +183,14 @@ def train(
     options = dict(shards=shards, slices=slices, epochs=epochs, seed=seed, batch_size=batch_size, lr=lr,
                    width=width, trainable=trainable, crop_pad=crop_pad, flip=flip,
                    precision=None if precision == "auto" else precision, deterministic=deterministic or None)
+    if test_dir is not None:
+        if test_manifest is not None:
+            raise sisa.UsageError("--test-dir and --test-manifest both name the test split: pass one of them")
+        test_manifest = test_dir
+    if image_size is not None:
+        from sisa.config import parse_image_size
+
+        options["resize"] = parse_image_size(image_size)
     if resume:
         if overwrite:
             raise sisa.UsageError("--resume finishes a run and --overwrite replaces it: pass one of them")
@@ -193,6 +204,8 @@ def train(
             options.update(crop_pad=0 if crop_pad is None else crop_pad, flip=False if flip is None else flip)
         cfg = sisa.config_for(dataset or "digits", **options)
         cfg.validate()
+        if test_manifest is not None and not test_manifest.exists():
+            raise sisa.UsageError(f"test split not found: {test_manifest}")
         check_replaceable(run_dir, overwrite)  # before the data loads: a refusal comes at once
         runner = executor_for(executor, ray_address, gpus_per_task, jobs_per_gpu)
         if options["precision"] is None:  # auto; asks torch about GPUs, so after the cheap refusals
@@ -213,10 +226,12 @@ def train(
                "slices_trained": {str(k): v for k, v in report.slices_retrained.items()}, "slices_reused": reused,
                "sample_epochs": report.sample_epochs, "seconds": round(report.seconds, 3)}
     n_reused = sum(len(v) for v in reused.values())
-    emit(as_json, payload, f"trained {len(report.shards_retrained)} shards x {run.config.slices} slices "
-                           f"({report.sample_epochs} sample-epochs"
-                           + (f"; {n_reused} slice checkpoints reused from the interrupted run" if n_reused else "")
-                           + f") in {report.seconds:.1f} s -> {run.dir}")
+    human = (f"trained {len(report.shards_retrained)} shards x {run.config.slices} slices "
+             f"({report.sample_epochs} sample-epochs"
+             + (f"; {n_reused} slice checkpoints reused from the interrupted run" if n_reused else "")
+             + f") in {report.seconds:.1f} s -> {run.dir}")
+    payload.update(_accuracy(run, device, not no_eval))
+    emit(as_json, payload, human + _accuracy_line(payload, not no_eval))
 
 
 def _trains_on_cuda(device: str, executor: str) -> bool:
@@ -228,13 +243,42 @@ def _trains_on_cuda(device: str, executor: str) -> bool:
     return torch.cuda.is_available() and (executor == "gpus" or device.startswith("cuda") or device == "auto")
 
 
+def _accuracy(run, device: str, wanted: bool) -> dict:
+    """The ensemble's test accuracy as JSON fields (`test_accuracy`: majority vote, SISA's
+    aggregation; null without a test split or with --no-eval). On the data the command
+    has loaded already: one pass of the test set through each constituent."""
+    if not wanted:
+        return {"test_accuracy": None}
+    from sisa.evaluation import holdout_accuracy
+    from sisa.run import pick_device
+
+    with notices() as note:
+        note("evaluating the ensemble on the test split ...")
+        acc = holdout_accuracy(run, pick_device(device))
+    if acc is None:
+        return {"test_accuracy": None}
+    return {**acc, "test_accuracy_seconds": round(acc.pop("seconds"), 3)}
+
+
+def _accuracy_line(payload: dict, wanted: bool) -> str:
+    if not wanted:
+        return ""
+    if payload.get("test_accuracy") is None:
+        return "\nno test split, so no test accuracy (create the run with --test-dir or --test-manifest)"
+    return (f"\ntest accuracy {100 * payload['test_accuracy']:.2f}% (ensemble, majority vote, "
+            f"{payload['test_samples']} test samples, {payload['test_accuracy_seconds']:.1f} s)")
+
+
 def _refuse_conflicts(run, options: dict, dataset: str | None, data_dir: Path | None,
                       test_manifest: Path | None) -> None:
     """--resume finishes a run as it was created: an option that says otherwise is refused."""
     from sisa import UsageError
 
     cfg = run.config
-    clash = [f"--{k.replace('_', '-')} {v} (the run has {getattr(cfg, k)})"
+    def shown(k, v):
+        return ("--image-size", "x".join(map(str, v)) or "none") if k == "resize" else (f"--{k.replace('_', '-')}", v)
+
+    clash = [f"{shown(k, v)[0]} {shown(k, v)[1]} (the run has {shown(k, getattr(cfg, k))[1]})"
              for k, v in options.items() if v is not None and v != getattr(cfg, k)]
     if dataset is not None and dataset != cfg.dataset and Path(dataset).resolve() != Path(cfg.dataset).resolve():
         clash.append(f"--dataset {dataset} (the run has {cfg.dataset})")
@@ -288,6 +332,7 @@ def forget(
     ray_address: RayAddress = None,
     gpus_per_task: GpusPerTask = None,
     jobs_per_gpu: JobsPerGpu = None,
+    no_eval: Annotated[bool, typer.Option("--no-eval", help="Skip the ensemble's test accuracy that ends the command (one pass of the test split through every constituent).")] = False,
     as_json: JsonOut = False,
 ):
     """Exactly unlearn samples: retrain each affected shard from its earliest affected slice.
@@ -324,7 +369,8 @@ def forget(
              + f": retrained {len(report.shards_retrained)} shards, {slices} slice steps, "
              f"{report.sample_epochs} of {report.full_sample_epochs} sample-epochs "
              f"({100 * report.cost_fraction:.1f}% of retraining everything) in {report.seconds:.1f} s")
-    emit(as_json, d, human)
+    d.update(_accuracy(run, device, not no_eval))
+    emit(as_json, d, human + _accuracy_line(d, not no_eval))
 
 
 @app.command()

@@ -9,13 +9,15 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
 class RunConfig:
     # data
-    dataset: str = "digits"  # digits | mnist | fashion-mnist | cifar10 | path to a CSV manifest
+    dataset: str = "digits"  # digits | mnist | fashion-mnist | cifar10 | a CSV manifest | a class-folder tree
+    resize: tuple[int, ...] = field(default_factory=tuple)  # (H, W): --image-size, every image resized at load
     # SISA layout
     shards: int = 5  # S: disjoint shards, one constituent model each
     slices: int = 4  # R: incremental slices per shard, one checkpoint after each
@@ -54,7 +56,7 @@ class RunConfig:
         fields = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("dataset", "class_names", "image_size", "feature_shape")}
         # Added later: at their defaults they are left out, so older runs keep their hash.
         for name, default in (("width", 64), ("trainable", "all"), ("init_sha256", ""), ("precision", "fp32"),
-                              ("deterministic", False)):
+                              ("deterministic", False), ("resize", ())):
             if fields[name] == default:
                 del fields[name]
         return fields
@@ -77,6 +79,7 @@ class RunConfig:
         raw = json.loads(text)
         raw["class_names"] = tuple(raw.get("class_names", ()))
         raw["image_size"] = tuple(raw.get("image_size", ()))
+        raw["resize"] = tuple(raw.get("resize", ()))
         raw["feature_shape"] = tuple(raw.get("feature_shape", ()))
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in raw.items() if k in known})
@@ -91,6 +94,8 @@ class RunConfig:
             raise UsageError(f"--lr must be positive, got {self.lr}")
         if not 0 <= self.warmup < 1:
             raise UsageError(f"warmup must be in [0, 1), got {self.warmup}")
+        if self.resize and (len(self.resize) != 2 or min(self.resize) < 1):
+            raise UsageError(f"--image-size must be N or HxW with positive sizes, got {self.resize}")
         if self.crop_pad < 0:
             raise UsageError(f"crop padding must be >= 0, got {self.crop_pad}")
         if self.precision not in PRECISIONS:
@@ -103,6 +108,19 @@ class RunConfig:
 
 
 PRECISIONS = ("fp32", "bf16")
+
+
+def parse_image_size(text: str | int | tuple) -> tuple[int, int]:
+    """`--image-size`: N (square) or HxW, as (H, W)."""
+    if isinstance(text, (tuple, list)):
+        text = "x".join(str(v) for v in text)
+    m = re.fullmatch(r"\s*(\d+)\s*(?:[xX]\s*(\d+)\s*)?", str(text))
+    size = (int(m.group(1)), int(m.group(2) or m.group(1))) if m else None
+    if size is None or min(size) < 1 or max(size) > 4096:
+        from .errors import UsageError
+
+        raise UsageError(f"--image-size takes N or HxW in pixels, 1 to 4096 (e.g. 32 or 24x32), got {text!r}")
+    return size
 
 
 # Per-dataset defaults for augmentation: digits must not be flipped; clothes and CIFAR may.

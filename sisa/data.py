@@ -7,6 +7,14 @@ Built-ins and where they come from:
   fashion-mnist  the same for <data-dir>/FashionMNIST/raw/*.gz
   cifar10        torchvision's <data-dir>/cifar-10-batches-py pickles (`download=True` fetches them)
   <file>.csv     a manifest `id,path,label[,owner]` of image files, paths relative to the manifest
+  <folder>/      torchvision ImageFolder's layout: <folder>/<class>/<...>/<image>, classes the sorted
+                 subfolder names, ids the image paths relative to <folder> (posix); an optional
+                 <folder>/owners.csv `id,owner`. Hidden files and folders (".name") are skipped.
+
+Any of them can be resized (`size`, --image-size) at load time with Pillow's BILINEAR filter
+(antialiased when shrinking), the filter `predict` uses. Image files are converted to the run's
+channels: a manifest's first image decides; a folder is RGB if any of its images is in colour,
+else grayscale (alpha is dropped, palettes expanded).
 
 Ids of built-ins are `train-` plus the five-digit, zero-padded row of the training split
 (`train-00042`); test samples are `test-NNNNN`. For digits the training split's rows keep
@@ -17,6 +25,7 @@ from __future__ import annotations
 import csv
 import gzip
 import hashlib
+import os
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .config import parse_image_size  # noqa: F401  (re-exported: --image-size)
 from .errors import SisaError, UsageError
 
 DIGITS_SPLIT_SEED = 0
@@ -161,23 +171,44 @@ def load_cifar10(data_dir: Path, download: bool = False) -> Dataset:
                    _split("test", test_x, test_y), names)
 
 
-def read_image(path: Path, channels: int | None = None, size: tuple[int, int] | None = None) -> torch.Tensor:
-    """One image file as uint8 (C, H, W); converted to `channels` and resized to `size` if given."""
-    from PIL import Image, UnidentifiedImageError
+GRAY_MODES = ("L", "1", "I", "I;16")  # read as one channel when the run's channels are not yet known
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")  # ImageFolder's
+RESAMPLE = "BILINEAR"  # Pillow's filter for every resize: training data, `add`, `predict`, `serve`
 
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+def _decode(path: Path, mode: str | None, size: tuple[int, int] | None, where: str = "") -> np.ndarray:
+    """One image file as uint8 (C, H, W) in `mode` (None: L for grayscale modes, else RGB),
+    resized to `size` (H, W). Every failure is one SisaError line naming the file and `where`."""
+    from PIL import Image
+
+    where = f" ({where})" if where else ""
     try:
         with Image.open(path) as im:
-            mode = {1: "L", 3: "RGB"}.get(channels or 0) or ("L" if im.mode in ("L", "1", "I", "I;16") else "RGB")
-            im = im.convert(mode)
+            im = im.convert(mode or ("L" if im.mode in GRAY_MODES else "RGB"))
             if size is not None and im.size != (size[1], size[0]):
-                im = im.resize((size[1], size[0]), Image.BILINEAR)
-            arr = np.asarray(im, dtype=np.uint8)
+                im = im.resize((size[1], size[0]), getattr(Image, RESAMPLE))
+            arr = np.array(im, dtype=np.uint8)  # a copy: PIL's buffer is read-only
     except FileNotFoundError:
-        raise SisaError(f"image not found: {path}") from None
-    except (UnidentifiedImageError, OSError) as e:
-        raise SisaError(f"cannot read image {path}: {e}") from None
-    arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
-    return torch.from_numpy(arr.copy())  # PIL's buffer is read-only
+        raise SisaError(f"image not found: {path}{where}") from None
+    except IsADirectoryError:
+        raise SisaError(f"{path} is a directory, not an image file{where}") from None
+    except Exception as e:  # Pillow's plugins raise OSError, SyntaxError, ValueError, EOFError, zlib and struct errors
+        raise SisaError(f"cannot read image {path}{where}: {_one_line(e)}") from None
+    return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+
+
+def read_image(path: Path, channels: int | None = None, size: tuple[int, int] | None = None) -> torch.Tensor:
+    """One image file as uint8 (C, H, W); converted to `channels` and resized to `size` if given."""
+    return torch.from_numpy(np.ascontiguousarray(_decode(path, {1: "L", 3: "RGB"}.get(channels or 0), size)))
+
+
+def _size_error(source: Path, name: str, shape, first: str, first_shape) -> SisaError:
+    return SisaError(f"{source}: image {name} is {shape[-2]}x{shape[-1]}, {first} is {first_shape[-2]}x{first_shape[-1]} "
+                     "(HxW): pass --image-size N or HxW to resize every image to one size")
 
 
 def load_manifest(path: Path, class_names: tuple[str, ...] | None = None, channels: int | None = None,
@@ -207,29 +238,158 @@ def load_manifest(path: Path, class_names: tuple[str, ...] | None = None, channe
     unknown = [s for s in labels if s not in index]
     if unknown:
         raise SisaError(f"{path}: unknown label {unknown[0]!r} (classes: {', '.join(class_names)})")
-    first = read_image(path.parent / rows[0]["path"], channels, size)
-    images = [first] + [read_image(path.parent / r["path"], first.shape[0], size) for r in rows[1:]]
-    for r, im in zip(rows, images):
-        if im.shape != first.shape:
-            raise SisaError(f"{path}: image {r['path']} is {tuple(im.shape)}, expected {tuple(first.shape)}")
+    images: list[np.ndarray] = []
+    for line, r in enumerate(rows, start=2):  # the header is line 1
+        arr = _decode(path.parent / r["path"], {1: "L", 3: "RGB"}.get(channels or 0), size, f"{path.name} line {line}")
+        if not images:
+            channels = arr.shape[0]  # the first image decides
+        elif arr.shape != images[0].shape:
+            raise _size_error(path, r["path"], arr.shape, f"the first ({rows[0]['path']})", images[0].shape)
+        images.append(arr)
     owners = [(r.get("owner") or "").strip() or None for r in rows]
-    return Split(ids, torch.stack(images), torch.tensor([index[s] for s in labels]), owners), class_names
+    return Split(ids, torch.from_numpy(np.stack(images)), torch.tensor([index[s] for s in labels]), owners), class_names
+
+
+def is_folder(name: str | Path) -> bool:
+    """Whether a --dataset names a folder data set (not a built-in, not a manifest)."""
+    name = str(name)
+    return name not in BUILTINS and not name.endswith(".csv") and (name.endswith(("/", os.sep)) or Path(name).is_dir())
+
+
+def _hidden(name: str) -> bool:
+    return name.startswith(".")
+
+
+def list_folder(root: Path, class_names: tuple[str, ...] | None = None) -> tuple[list[str], list[int], tuple[str, ...]]:
+    """(ids, labels, classes) of an ImageFolder tree: classes are the sorted subfolder names (or
+    `class_names`, which every subfolder must be one of); ids are image paths relative to `root`,
+    posix, class by class in sorted order, each class's files in sorted path order."""
+    if not root.is_dir():
+        raise UsageError(f"dataset folder not found: {root}")
+    folders = sorted(e.name for e in os.scandir(root) if e.is_dir() and not _hidden(e.name))
+    if not folders:
+        raise SisaError(f"{root} has no class subfolders: expected {root}/<class>/<image> "
+                        f"({', '.join(IMAGE_EXTENSIONS)})")
+    if class_names is None:
+        class_names = tuple(folders)
+    else:
+        strange = [f for f in folders if f not in class_names]
+        if strange:
+            raise SisaError(f"{root}: class folder {strange[0]!r} is not a class of the training data "
+                            f"({', '.join(class_names)})")
+    ids, labels = [], []
+    for label, name in enumerate(class_names):
+        if name not in folders:
+            continue  # a test folder may lack a class
+        found = []
+        for dirpath, dirnames, filenames in os.walk(root / name, followlinks=True):
+            dirnames[:] = [d for d in dirnames if not _hidden(d)]
+            rel = Path(dirpath).relative_to(root)
+            found += [(rel / f).as_posix() for f in filenames
+                      if not _hidden(f) and f.lower().endswith(IMAGE_EXTENSIONS)]
+        if not found and len(class_names) == len(folders):
+            raise SisaError(f"{root}: class folder {name!r} has no images ({', '.join(IMAGE_EXTENSIONS)})")
+        ids += sorted(found)
+        labels += [label] * len(found)
+    if not ids:
+        raise SisaError(f"{root} has no images ({', '.join(IMAGE_EXTENSIONS)}) in its class subfolders")
+    return ids, labels, class_names
+
+
+def _folder_owners(root: Path, ids: list[str]) -> list[str | None]:
+    """Owners from <root>/owners.csv (`id,owner`), if there is one; ids it lacks have none."""
+    path = root / "owners.csv"
+    if not path.is_file():
+        return [None] * len(ids)
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            rows = list(reader)
+            header = reader.fieldnames or []
+    except UnicodeDecodeError:
+        raise SisaError(f"{path} is not UTF-8 text") from None
+    if not rows or not {"id", "owner"} <= set(header):
+        raise SisaError(f"{path}: expected a header with columns id,owner and a row per owned image")
+    known, owner_of = set(ids), {}
+    for line, r in enumerate(rows, start=2):
+        sid, owner = (r["id"] or "").strip(), (r["owner"] or "").strip()
+        if sid not in known:
+            raise SisaError(f"{path} line {line}: {sid!r} is not an image of {root} (ids are paths like "
+                            f"{ids[0]!r})")
+        if sid in owner_of:
+            raise SisaError(f"{path} line {line}: {sid!r} is listed twice")
+        owner_of[sid] = owner or None
+    return [owner_of.get(i) for i in ids]
+
+
+def load_folder(root: Path, class_names: tuple[str, ...] | None = None, size: tuple[int, int] | None = None,
+                channels: int | None = None) -> tuple[Split, tuple[str, ...]]:
+    """An ImageFolder tree (see `list_folder`) as a Split. Images are RGB if any is in colour (or
+    `channels`, a training split's, for a test folder), resized to `size` if given; without it
+    they must all have one size. A training folder (no `class_names` given) reads owners.csv."""
+    training = class_names is None
+    root = Path(root)
+    ids, labels, class_names = list_folder(root, class_names)
+    images: list[np.ndarray] = []
+    for row, sid in enumerate(ids):
+        arr = _decode(root / sid, {1: "L", 3: "RGB"}.get(channels or 0), size, f"row {row} of {root}")
+        if images and arr.shape[1:] != images[0].shape[1:]:
+            raise _size_error(root, sid, arr.shape, ids[0], images[0].shape)
+        images.append(arr)
+    if channels is None and any(a.shape[0] == 3 for a in images):
+        # PIL's L -> RGB copies the gray value into R, G and B: repeating it after the resize is the same
+        images = [np.repeat(a, 3, axis=0) if a.shape[0] == 1 else a for a in images]
+    return (Split(ids, torch.from_numpy(np.stack(images)), torch.tensor(labels, dtype=torch.int64),
+                  _folder_owners(root, ids) if training else [None] * len(ids)), class_names)
+
+
+def resize_split(split: Split, size: tuple[int, int]) -> Split:
+    """A built-in's images resized to `size` (H, W) with the filter image files get."""
+    from PIL import Image
+
+    if tuple(split.images.shape[2:]) == tuple(size):
+        return split
+    out = []
+    for img in split.images.numpy():
+        im = Image.fromarray(img[0] if img.shape[0] == 1 else img.transpose(1, 2, 0))
+        arr = np.asarray(im.resize((size[1], size[0]), getattr(Image, RESAMPLE)), dtype=np.uint8)
+        out.append(arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1))
+    return Split(split.ids, torch.from_numpy(np.stack(out)), split.labels, split.owners)
 
 
 def load_dataset(name: str, data_dir: Path | str = "data", download: bool = False,
-                 test_manifest: Path | str | None = None) -> Dataset:
-    """Load a built-in by name, or a CSV manifest by path."""
-    if name == "digits":
-        return load_digits()
-    if name in ("mnist", "fashion-mnist"):
-        return load_idx_dataset(name, Path(data_dir))
-    if name == "cifar10":
-        return load_cifar10(Path(data_dir), download)
+                 test_manifest: Path | str | None = None, size: tuple[int, int] | None = None) -> Dataset:
+    """Load a built-in by name, a CSV manifest or a class-folder tree by path; `test_manifest`
+    (a manifest or a folder) is the test split of a manifest or folder data set. `size` (H, W):
+    resize every image to it."""
+    size = tuple(size) if size else None
+    if name in BUILTINS:
+        data = (load_digits() if name == "digits" else load_cifar10(Path(data_dir), download) if name == "cifar10"
+                else load_idx_dataset(name, Path(data_dir)))
+        if size is not None:
+            data = Dataset(data.name, resize_split(data.train, size),
+                           data.test and resize_split(data.test, size), data.class_names)
+        return data
     if name.endswith(".csv"):
-        train, classes = load_manifest(Path(name))
-        test = load_manifest(Path(test_manifest), classes)[0] if test_manifest else None
-        return Dataset(name, train, test, classes)
-    raise UsageError(f"unknown dataset {name!r}: use one of {', '.join(BUILTINS)} or a .csv manifest")
+        train, classes = load_manifest(Path(name), size=size)
+    elif is_folder(name):
+        train, classes = load_folder(Path(name), size=size)
+    elif not Path(name).exists():
+        raise UsageError(f"unknown dataset {name!r}: use one of {', '.join(BUILTINS)}, a .csv manifest "
+                         "or a folder of class subfolders")
+    else:
+        raise UsageError(f"{name} is neither a .csv manifest nor a folder of class subfolders")
+    test = None
+    if test_manifest:
+        test_path = Path(test_manifest)
+        channels, size = train.images.shape[1], tuple(train.images.shape[2:])  # the test split follows training's
+        if test_path.is_dir():
+            test = load_folder(test_path, classes, size, channels)[0]
+        elif test_path.suffix == ".csv" or test_path.is_file():
+            test = load_manifest(test_path, classes, channels, size)[0]
+        else:
+            raise UsageError(f"test split not found: {test_path}")
+    return Dataset(name, train, test, classes)
 
 
 def with_additions(data: Dataset, manifests: list[str] | tuple[str, ...]) -> Dataset:

@@ -105,8 +105,10 @@ def _index_data(dataset: Dataset) -> _Data:
 
 
 @functools.lru_cache(maxsize=1)  # a worker process keeps the last data set it loaded
-def _worker_data(name: str, data_dir: str | None, test_manifest: str | None, additions: tuple[str, ...]) -> _Data:
-    return _index_data(with_additions(load_dataset(name, data_dir or "data", test_manifest=test_manifest), additions))
+def _worker_data(name: str, data_dir: str | None, test_manifest: str | None, additions: tuple[str, ...],
+                 size: tuple[int, ...] = ()) -> _Data:
+    return _index_data(with_additions(load_dataset(name, data_dir or "data", test_manifest=test_manifest,
+                                                   size=size or None), additions))
 
 
 def run_task(task: ShardTask, progress: Progress | None = None, data: _Data | None = None) -> ShardResult:
@@ -125,7 +127,7 @@ def run_task(task: ShardTask, progress: Progress | None = None, data: _Data | No
         inputs, labels, job = job_features(Path(task.run_dir), cfg, task.job)
     else:
         if data is None:
-            data = _worker_data(task.dataset, task.data_dir, task.test_manifest, task.additions)
+            data = _worker_data(task.dataset, task.data_dir, task.test_manifest, task.additions, cfg.resize)
             _check_worker_data(task, data, host)
         # Rows in the index are positions at creation; map through ids in case the source (a user's
         # manifest) has since dropped deleted rows.

@@ -160,11 +160,14 @@ class Run:
             init, init_sha = load_init_file(init_from)  # a bad file fails here, before the data loads
             config = replace(config, init_sha256=init_sha)
         data_dir = Path(data_dir).resolve()
-        from .data import load_dataset
+        from .data import is_folder, load_dataset
+
+        if is_folder(config.dataset) and Path(config.dataset).is_dir():  # later commands and workers may run elsewhere
+            config = replace(config, dataset=str(Path(config.dataset).resolve()))
 
         if notify:
             notify(f"loading {config.dataset} ...")
-        data = load_dataset(config.dataset, data_dir, download, test_manifest)
+        data = load_dataset(config.dataset, data_dir, download, test_manifest, config.resize or None)
         config = _fit_to_data(config, data)
         init_notes = None
         if init is not None:
@@ -249,7 +252,8 @@ class Run:
             from .data import load_dataset, with_additions
 
             self._dataset = with_additions(load_dataset(self.config.dataset, self.data_dir or "data",
-                                                        test_manifest=self.test_manifest), self.additions())
+                                                        test_manifest=self.test_manifest,
+                                                        size=self.config.resize or None), self.additions())
         return self._dataset
 
     def additions(self) -> tuple[str, ...]:
@@ -419,6 +423,7 @@ class Run:
         the staged slices if there are any."""
         import torch
 
+        from .data import is_folder
         from .executors import ShardTask
 
         if staged:
@@ -437,7 +442,7 @@ class Run:
             return None
         digest = hashlib.sha256("".join(recorded[x] for ids in job.slice_ids for x in ids).encode()).hexdigest()
         dataset = self.config.dataset
-        if dataset.endswith(".csv"):
+        if dataset.endswith(".csv") or is_folder(dataset):
             dataset = str(Path(dataset).resolve())  # workers need not share this process's cwd
         run_dir = self.dir.resolve()
         return ShardTask(job=job, run_dir=str(run_dir), checkpoint_dir=str(run_dir / CKPT_DIR),
