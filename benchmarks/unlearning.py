@@ -4,6 +4,16 @@
     python -m benchmarks.unlearning              # Fashion-MNIST and MNIST on one GPU
     python -m benchmarks.unlearning --smoke      # seconds; only checks the pipeline (tests use it)
 
+In stages, for a GPU lent minutes at a time (each stage's result and models are kept in --state,
+default benchmarks/work/unlearning_<mode>; the results are written once every stage is done):
+
+    python -m benchmarks.unlearning --list-stages                # the stages, and which are done
+    python -m benchmarks.unlearning --stage remaining            # run every stage not yet done, in order
+    python -m benchmarks.unlearning --stage fashion-mnist:original --stage fashion-mnist:sisa   # just these
+
+A data set's forget stages need its original and SISA stages (the models they start from); a
+stage interrupted before it finished leaves nothing and runs again.
+
 Experiments, each written to benchmarks/results/unlearning_<mode>.{json,md} with PNG plots:
   1. method table: random 10% and 1% forget sets; one original ResNet-18 (trained until it
      memorises, train accuracy >= 99.5%, its train/test gap reported) shared by every
@@ -220,75 +230,124 @@ APPROXIMATE = {
 }
 
 
-def method_table(spec: DataSpec, data: Dataset, st: Setting, device, workdir: Path) -> dict:
-    name = Path(spec.name).stem
+def forget_sets(n: int, n_test: int, st: Setting) -> tuple[torch.Tensor, dict[float, tuple[np.ndarray, np.ndarray]]]:
+    """The validation mask over the test split (20%) and, per fraction, (forget rows, tuning rows):
+    one generator drawn in a fixed order, so every stage that needs them gets the same sets."""
+    rng = np.random.default_rng(st.seed)
+    val = torch.zeros(n_test, dtype=torch.bool)
+    val[rng.choice(n_test, n_test // 5, replace=False)] = True
+    sets = {}
+    for frac in st.fractions:
+        forget = split_rows(n, frac, rng)
+        sets[frac] = (forget, split_rows(n, frac, rng, exclude=forget))
+    return val, sets
+
+
+def base_task(data: Dataset, st: Setting, spec: DataSpec, device) -> Task:
     aug = AUGMENT_DEFAULTS.get(spec.augment, {})
     n = len(data.train)
-    images, labels = data.train.images.to(device), data.train.labels.to(device)
-    rng = np.random.default_rng(st.seed)
-    val = torch.zeros(len(data.test), dtype=torch.bool)
-    val[rng.choice(len(data.test), len(data.test) // 5, replace=False)] = True  # 20% of test -> validation
     channels, classes = data.train.images.shape[1], len(data.class_names)
     # Task.head builds the network every monolithic method trains: here the from-scratch
     # ResNet-18 at the run's width (the methods' own default is width 64).
-    base = Task(images, labels, torch.arange(n, device=device), torch.empty(0, dtype=torch.long, device=device),
-                classes, aug.get("crop_pad", 0), aug.get("flip", False), st.batch_size, st.seed,
+    return Task(data.train.images.to(device), data.train.labels.to(device), torch.arange(n, device=device),
+                torch.empty(0, dtype=torch.long, device=device), classes, aug.get("crop_pad", 0),
+                aug.get("flip", False), st.batch_size, st.seed,
                 head=lambda: build_model("resnet18", channels, classes, st.width))
 
+
+def original_stage(spec: DataSpec, data: Dataset, st: Setting, device, state: Path) -> dict:
+    """The original model every approximate method starts from, saved in `state` for the forget stages."""
+    base = base_task(data, st, spec, device)
+    val, _ = forget_sets(len(data.train), len(data.test), st)
     original, t_orig = timed(train, new_model(base, st.seed), base, base.retain, st.epochs, st.lr, seed=st.seed)
-    orig_train_acc = 100 * (logits_of(original, images).argmax(-1) == labels.cpu()).float().mean().item()
+    torch.save(original.state_dict(), state / f"{_stem(spec)}-original.pt")
+    train_acc = 100 * (logits_of(original, base.images).argmax(-1) == base.labels.cpu()).float().mean().item()
+    test_acc = 100 * (logits_of(original, data.test.images[~val].to(device)).argmax(-1)
+                      == data.test.labels[~val]).float().mean().item()
+    return {"train_seconds": t_orig, "epochs": st.epochs, "train_acc": train_acc, "test_acc": test_acc,
+            "train_test_gap": train_acc - test_acc, "memorised": train_acc >= MEMORISED, "memorised_threshold": MEMORISED}
+
+
+def sisa_variant(spec: DataSpec, data: Dataset, st: Setting, converged: bool) -> "sisa.RunConfig":
+    """"SISA" as a user trains it (the product's defaults); "SISA (converged)" with the per-S epoch
+    rule of `converged_epochs`."""
+    cfg = sisa_config(spec, st, shards=st.shards, slices=st.slices)
+    if converged:
+        cfg = replace(cfg, epochs=converged_epochs(len(data.train), cfg.shards, cfg.slices, cfg.batch_size,
+                                                   st.s_sweep_steps, cfg.epochs))
+    return cfg
+
+
+SISA_VARIANTS = {"sisa": ("SISA", False), "sisa-converged": ("SISA (converged)", True)}
+
+
+def sisa_stage(spec: DataSpec, data: Dataset, st: Setting, device, state: Path, key: str) -> dict:
+    """Train one SISA variant into `state`; each forget stage starts from a copy of it."""
+    c = sisa_variant(spec, data, st, SISA_VARIANTS[key][1])
+    _, secs = timed(spec.train, state / f"{_stem(spec)}-{key}", c, device)
+    n = len(data.train)
+    return {"config": json.loads(c.to_json()), "train_seconds": secs,
+            "steps_per_constituent": constituent_steps(n, c.shards, c.slices, c.batch_size, c.epochs)}
+
+
+def forget_stage(spec: DataSpec, data: Dataset, st: Setting, device, state: Path, frac: float,
+                 done: dict[str, dict], variant: str | None = None) -> dict:
+    """One forget set: Retrain and every approximate method from the saved original, or (`variant`)
+    one SISA variant's exact forget on a copy of its trained run. Gap and speed-up are added when
+    the stages are merged (`method_table`), against the Retrain row."""
+    base = base_task(data, st, spec, device)
+    n = len(data.train)
+    val, sets = forget_sets(n, len(data.test), st)
+    forget, tune_rows = (torch.from_numpy(a).to(device) for a in sets[frac])
+    task = replace(base, forget=forget, retain=_complement(base, forget))
+    rows: dict[str, dict] = {}
+    if variant is not None:
+        v, label = done[variant], SISA_VARIANTS[variant][0]
+        run_dir = state / f"{_stem(spec)}-forget-{frac}"
+        shutil.rmtree(run_dir, ignore_errors=True)
+        shutil.copytree(state / f"{_stem(spec)}-{variant}", run_dir)
+        ids = [data.train.ids[i] for i in forget.tolist()]
+        report, secs = timed(sisa.forget, run_dir, ids=ids, device=str(device))
+        rows[label] = {**sisa_metrics(run_dir, data, task, val, device), "seconds": secs,
+                       "epochs": v["config"]["epochs"], "steps_per_constituent": v["steps_per_constituent"],
+                       "shards_retrained": len(report.shards_retrained),
+                       "slices_retrained": sum(len(sl) for sl in report.slices_retrained.values()),
+                       "sample_epochs": report.sample_epochs, "full_sample_epochs": report.full_sample_epochs}
+        shutil.rmtree(run_dir, ignore_errors=True)
+        return {"forget_size": len(forget), "methods": rows}
+    original = new_model(base, st.seed)
+    original.load_state_dict(torch.load(state / f"{_stem(spec)}-original.pt", weights_only=True))
+    original.eval()
     val_x = data.test.images[val].to(device)
     val_acc_orig = (logits_of(original, val_x).argmax(-1) == data.test.labels[val]).float().mean().item()
-    orig_test_acc = 100 * (logits_of(original, data.test.images[~val].to(device)).argmax(-1)
-                           == data.test.labels[~val]).float().mean().item()
+    model, secs = timed(retrain.unlearn, task, st.epochs, st.lr, seed=st.seed)
+    rows["Retrain"] = {**monolithic_metrics(model, data, task, val), "seconds": secs}
+    for label, (fn, grid) in APPROXIMATE.items():
+        grid = grid[: st.grid_limit] if st.grid_limit else grid
+        hp, tried = tune(label, fn, grid, original, task, tune_rows, data, val, val_acc_orig)
+        model, secs = timed(fn, original, task, **hp)
+        rows[label] = {**monolithic_metrics(model, data, task, val), "seconds": secs, "hp": hp, "grid": tried}
+    return {"forget_size": len(forget), "methods": rows}
 
-    # SISA trained once per variant, each forget starting from a copy: "SISA" as a user trains it
-    # (the product's defaults); "SISA (converged)" with the per-S epoch rule of `converged_epochs`.
-    cfg = sisa_config(spec, st, shards=st.shards, slices=st.slices)
-    e_conv = converged_epochs(n, cfg.shards, cfg.slices, cfg.batch_size, st.s_sweep_steps, cfg.epochs)
-    variants = {}
-    for label, c in (("SISA", cfg), ("SISA (converged)", replace(cfg, epochs=e_conv))):
-        d = workdir / f"sisa-{name}-{len(variants)}"
-        _, secs = timed(spec.train, d, c, device)
-        variants[label] = {"dir": d, "config": json.loads(c.to_json()), "train_seconds": secs,
-                           "steps_per_constituent": constituent_steps(n, c.shards, c.slices, c.batch_size, c.epochs)}
 
-    out = {"original": {"train_seconds": t_orig, "epochs": st.epochs, "train_acc": orig_train_acc,
-                        "test_acc": orig_test_acc, "train_test_gap": orig_train_acc - orig_test_acc,
-                        "memorised": orig_train_acc >= MEMORISED, "memorised_threshold": MEMORISED},
-           "sisa_config": variants["SISA"]["config"], "sisa_train_seconds": variants["SISA"]["train_seconds"],
-           "sisa_variants": {k: {kk: vv for kk, vv in v.items() if kk != "dir"} for k, v in variants.items()},
-           "fractions": {}}
+def method_table(done: dict[str, dict], st: Setting) -> dict:
+    """The method table of one data set, merged from its stages' results."""
+    variants = {label: done[key] for key, (label, _) in SISA_VARIANTS.items()}
+    fractions = {}
     for frac in st.fractions:
-        forget = torch.from_numpy(split_rows(n, frac, rng)).to(device)
-        tune_rows = torch.from_numpy(split_rows(n, frac, rng, exclude=forget.cpu().numpy())).to(device)
-        task = replace(base, forget=forget, retain=_complement(base, forget))
-        rows: dict[str, dict] = {}
-        model, secs = timed(retrain.unlearn, task, st.epochs, st.lr, seed=st.seed)
-        rows["Retrain"] = {**monolithic_metrics(model, data, task, val), "seconds": secs}
-        t_retrain = secs
-        for label, (fn, grid) in APPROXIMATE.items():
-            grid = grid[: st.grid_limit] if st.grid_limit else grid
-            hp, tried = tune(label, fn, grid, original, task, tune_rows, data, val, val_acc_orig)
-            model, secs = timed(fn, original, task, **hp)
-            rows[label] = {**monolithic_metrics(model, data, task, val), "seconds": secs, "hp": hp, "grid": tried}
-        ids = [data.train.ids[i] for i in forget.tolist()]
-        for label, v in variants.items():
-            run_dir = workdir / f"sisa-{name}-{frac}"
-            shutil.rmtree(run_dir, ignore_errors=True)
-            shutil.copytree(v["dir"], run_dir)
-            report, secs = timed(sisa.forget, run_dir, ids=ids, device=str(device))
-            rows[label] = {**sisa_metrics(run_dir, data, task, val, device), "seconds": secs,
-                           "epochs": v["config"]["epochs"], "steps_per_constituent": v["steps_per_constituent"],
-                           "shards_retrained": len(report.shards_retrained),
-                           "slices_retrained": sum(len(sl) for sl in report.slices_retrained.values()),
-                           "sample_epochs": report.sample_epochs, "full_sample_epochs": report.full_sample_epochs}
-            shutil.rmtree(run_dir, ignore_errors=True)
+        parts = [done[f"forget-{frac}"], *(done[f"forget-{frac}-{key}"] for key in SISA_VARIANTS)]
+        rows = {k: v for part in parts for k, v in part["methods"].items()}
         for r in rows.values():
             r["gap_to_retrain"] = metrics.gap(r, rows["Retrain"])
-            r["speedup"] = t_retrain / r["seconds"]
-        out["fractions"][str(frac)] = {"forget_size": len(forget), "methods": rows}
-    return out
+            r["speedup"] = rows["Retrain"]["seconds"] / r["seconds"]
+        fractions[str(frac)] = {"forget_size": parts[0]["forget_size"], "methods": rows}
+    return {"original": done["original"], "sisa_config": variants["SISA"]["config"],
+            "sisa_train_seconds": variants["SISA"]["train_seconds"], "sisa_variants": variants,
+            "fractions": fractions}
+
+
+def _stem(spec: DataSpec) -> str:
+    return Path(spec.name).stem
 
 
 def constituent_steps(n: int, shards: int, slices: int, batch: int, epochs: int) -> int:
@@ -470,6 +529,82 @@ def write_subset(spec: DataSpec, n: int, folder: Path) -> DataSpec:
     return DataSpec(str(paths["train"]), spec.data_dir, str(paths["test"]), spec.augment)
 
 
+def stage_names(st: Setting) -> list[str]:
+    """Every stage of a mode, in the order they run (a forget stage needs its data set's original
+    and SISA stages before it). Each finishes in minutes on one H100 in the full mode."""
+    names = []
+    for ds in st.datasets:
+        names += [f"{ds}:original", *(f"{ds}:{key}" for key in SISA_VARIANTS),
+                  *(f"{ds}:forget-{frac}{suffix}" for frac in st.fractions for suffix in ("", *(f"-{k}" for k in SISA_VARIANTS))),
+                  f"{ds}:cost_curve", f"{ds}:accuracy_vs_shards", f"{ds}:accuracy_vs_shards_steps"]
+    return names + ["deltagrad"]
+
+
+def run_stage(name: str, st: Setting, args, device, state: Path) -> dict:
+    """Run one stage; its result (with when, where and how long) is saved as state/<name>.json."""
+    done = {p.stem: json.loads(p.read_text())["result"] for p in state.glob("*.json")}
+    started, cpu, load = time.perf_counter(), time.process_time(), os.getloadavg()[0]
+    if name == "deltagrad":
+        result = deltagrad_table(st, args.data_dir)
+    else:
+        ds, part = name.split(":")
+        spec = DataSpec(ds, args.data_dir, augment=ds)
+        if st.subset:  # the smoke mode: a few hundred digits written as a manifest of PNG files
+            spec = write_subset(spec, st.subset, state / "subset")
+        data = spec.load()
+        n = len(data.train)
+        mine = {k.split(":", 1)[1]: v["part"] for k, v in done.items() if k.startswith(f"{ds}:")}
+        if part.startswith("forget-"):
+            variant = next((k for k in SISA_VARIANTS if part.endswith(f"-{k}")), None)
+            missing = [f"{ds}:{k}" for k in ("original",) if k not in mine and variant is None]
+            missing += [f"{ds}:{variant}"] if variant is not None and variant not in mine else []
+            if missing:
+                raise SystemExit(f"stage {name} needs {', '.join(missing)} first (--stage remaining runs all in order)")
+        result = {
+            "original": lambda: original_stage(spec, data, st, device, state),
+            "cost_curve": lambda: cost_curve(spec, data, st, device, state),
+            "accuracy_vs_shards": lambda: accuracy_vs_shards(spec, st, n, device, state),
+            "accuracy_vs_shards_steps": lambda: accuracy_vs_shards_steps(spec, st, n, device, state),
+            **{key: (lambda key=key: sisa_stage(spec, data, st, device, state, key)) for key in SISA_VARIANTS},
+            **{f"forget-{frac}": (lambda frac=frac: forget_stage(spec, data, st, device, state, frac, mine))
+               for frac in st.fractions},
+            **{f"forget-{frac}-{key}": (lambda frac=frac, key=key: forget_stage(spec, data, st, device, state, frac,
+                                                                                 mine, key))
+               for frac in st.fractions for key in SISA_VARIANTS},
+        }[part]()
+        result = {"train_samples": n, "test_samples": len(data.test), "chance": 100 / len(data.class_names),
+                  "part": result}
+    record = {"stage": name, "environment": environment(), "seconds": time.perf_counter() - started,
+              "cpu_seconds": time.process_time() - cpu, "load_avg_1min": [load, os.getloadavg()[0]],
+              "result": _plain(result)}
+    tmp = state / f".{name}.json.tmp"
+    tmp.write_text(json.dumps(record, indent=1))
+    tmp.replace(state / f"{name}.json")  # a stage either finished or is absent: never half-written
+    print(f"{name}: done in {record['seconds']:.0f} s (load {record['load_avg_1min'][1]:.2f})", flush=True)
+    return record
+
+
+def merge(st: Setting, state: Path) -> dict:
+    """The results of every stage, in the shape the report renders."""
+    records = {n: json.loads((state / f"{n}.json").read_text()) for n in stage_names(st)}
+    out: dict = {"datasets": {}, "stages": {n: {k: r[k] for k in ("environment", "seconds", "cpu_seconds",
+                                                                    "load_avg_1min")} for n, r in records.items()}}
+    for ds in st.datasets:
+        mine = {n.split(":", 1)[1]: r["result"] for n, r in records.items() if n.startswith(f"{ds}:")}
+        parts = {k: v["part"] for k, v in mine.items()}
+        first = next(iter(mine.values()))
+        res = out["datasets"][ds] = {k: first[k] for k in ("train_samples", "test_samples", "chance")}
+        res["methods"] = method_table(parts, st)
+        for key in ("cost_curve", "accuracy_vs_shards", "accuracy_vs_shards_steps"):
+            res[key] = parts[key]
+        res["section_seconds"] = {n.split(":", 1)[1]: r["seconds"] for n, r in records.items() if n.startswith(f"{ds}:")}
+    out["deltagrad"] = records["deltagrad"]["result"]
+    out["deltagrad_seconds"] = records["deltagrad"]["seconds"]
+    out["load_avg_1min"] = [(n, r["load_avg_1min"][1]) for n, r in records.items()]
+    out["cpu_seconds"] = sum(r["cpu_seconds"] for r in records.values())
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     mode = ap.add_mutually_exclusive_group()
@@ -479,40 +614,45 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--out", default=None, help="results name (default unlearning_<mode>)")
     ap.add_argument("--results-dir", type=Path, default=RESULTS, help="where results go")
+    ap.add_argument("--stage", action="append", default=[],
+                    help="run only this stage (repeatable; 'remaining': every stage not yet done), keeping each "
+                         "stage's result in --state; the results are written once every stage is done")
+    ap.add_argument("--list-stages", action="store_true", help="list the stages and which are done, then exit")
+    ap.add_argument("--state", type=Path, default=None,
+                    help="where staged results and models are kept (default benchmarks/work/unlearning_<mode>)")
     args = ap.parse_args()
     name = "smoke" if args.smoke else "quick" if args.quick else "full"
     st = SETTINGS[name]
+    names = stage_names(st)
+    staged = bool(args.stage or args.list_stages)
+    state = args.state or (ROOT / "benchmarks" / "work" / f"unlearning_{name}")
+    if args.list_stages:
+        for n in names:
+            print(f"{n}\t{'done' if (state / f'{n}.json').is_file() else 'to do'}")
+        return
+    unknown = [n for n in args.stage if n not in names and n != "remaining"]
+    if unknown:
+        raise SystemExit(f"unknown stage {unknown[0]!r}: --list-stages lists them")
     if st.threads:
         torch.set_num_threads(st.threads)
     device = pick_device(args.device)
     torch.manual_seed(st.seed)
-    started, cpu_started = time.perf_counter(), time.process_time()
-    # Other work on a shared machine slows every time below: the 1-minute load average is
-    # recorded at the start and after each section, with this process's CPU time.
-    load = [("start", os.getloadavg()[0])]
-    results: dict = {"environment": environment(), "mode": name, "setting": st.__dict__, "datasets": {},
-                     "load_avg_1min": load}
+    started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        work = Path(tmp)
-        for ds in st.datasets:
-            spec = DataSpec(ds, args.data_dir, augment=ds)
-            if st.subset:  # the smoke mode: a few hundred digits written as a manifest of PNG files
-                spec = write_subset(spec, st.subset, work / "subset")
-            data = spec.load()
-            n = len(data.train)
-            res = results["datasets"][ds] = {"train_samples": n, "test_samples": len(data.test)}
-            for key, fn in (("methods", lambda: method_table(spec, data, st, device, work)),
-                            ("cost_curve", lambda: cost_curve(spec, data, st, device, work)),
-                            ("accuracy_vs_shards", lambda: accuracy_vs_shards(spec, st, n, device, work)),
-                            ("accuracy_vs_shards_steps", lambda: accuracy_vs_shards_steps(spec, st, n, device, work))):
-                res[key], res.setdefault("section_seconds", {})[key] = timed(fn)
-                load.append((f"{ds} {key}", os.getloadavg()[0]))
-                print(f"{ds}: {key} done in {res['section_seconds'][key]:.0f} s (load {load[-1][1]:.2f})", flush=True)
-            res["chance"] = 100 / len(data.class_names)
-        results["deltagrad"], results["deltagrad_seconds"] = timed(deltagrad_table, st, args.data_dir)
-        load.append(("deltagrad", os.getloadavg()[0]))
-    results["seconds"] = time.perf_counter() - started
-    results["cpu_seconds"] = time.process_time() - cpu_started
+        if not staged:  # one run of everything, nothing kept between runs
+            state = Path(tmp)
+        state.mkdir(parents=True, exist_ok=True)
+        todo = names if not staged else [n for n in names if n in args.stage or
+                                        ("remaining" in args.stage and not (state / f"{n}.json").is_file())]
+        for n in todo:
+            run_stage(n, st, args, device, state)
+        left = [n for n in names if not (state / f"{n}.json").is_file()]
+        if left:
+            print(f"{len(names) - len(left)} of {len(names)} stages done; to do: {', '.join(left)}")
+            return
+        results = {"environment": environment(), "mode": name, "setting": st.__dict__, **merge(st, state)}
+    results["seconds"] = time.perf_counter() - started if not staged else sum(
+        r["seconds"] for r in results["stages"].values())
     from .report import render
 
     out = args.out or f"unlearning_{name}"
