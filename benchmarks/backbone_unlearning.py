@@ -2,7 +2,7 @@
 
     python -m benchmarks.public_backbone --data-dir ../shared/datasets   # once: split, backbone, S=1 run
     python -m benchmarks.backbone_unlearning                              # this benchmark
-    python -m benchmarks.backbone_unlearning --smoke                      # digits, a minute (tests run it)
+    python -m benchmarks.backbone_unlearning --smoke                      # digits, minutes (tests run it)
 
 The regime (`sisa train --init-from backbone.pt --trainable fc`): a ResNet-18 pretrained on the 10,000
 training images declared public is frozen; what is trained, forgotten and compared is the linear
@@ -34,7 +34,6 @@ depend on samples that may later be deleted, and forgetting one would then have 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import shutil
 import subprocess
@@ -46,6 +45,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+
+from sisa.config import RunConfig
 
 from . import metrics
 from .common import environment, write_results
@@ -96,7 +97,7 @@ class Features:
     classes: int
 
 
-def load_features(work: Path, smoke: bool, data_dir: str) -> tuple[Features, "sisa.RunConfig", dict]:
+def load_features(work: Path, smoke: bool, data_dir: str) -> tuple[Features, RunConfig, dict]:
     """Private features from the S = 1 run's cache; test and public ones computed with its trunk once
     and kept beside it (git-ignored), keyed by the trunk's sha256."""
     from sisa.backbone import build_trunk, compute_features
@@ -386,8 +387,8 @@ def partition_study(f: Features, st: Setting, base_cfg, init) -> list[dict]:
 
 # --- DeltaGrad ------------------------------------------------------------------------------
 
-def deltagrad_rows(f: Features, probs: list[Problem], st: Setting) -> list[dict]:
-    cfg = deltagrad.DeltaGradConfig(model="logreg", seed=st.seed)
+def deltagrad_rows(f: Features, probs: list[Problem], st: Setting) -> tuple[list[dict], dict]:
+    cfg = deltagrad.DeltaGradConfig(model="logreg", seed=st.seed, classes=f.classes)
     rows = []
     for p in probs:
         res = deltagrad.benchmark(f.train, f.train_y, f.test, f.test_y, cfg, p.forget)
