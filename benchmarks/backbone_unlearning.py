@@ -49,7 +49,7 @@ from torch import nn
 from sisa.config import RunConfig
 
 from . import metrics
-from .common import environment, write_results
+from .common import environment, plain, write_results
 from .methods import deltagrad, finetune, gradient_ascent, neggrad, salun, scrub
 from .methods.common import Task, logits_of, new_model, train
 
@@ -493,18 +493,6 @@ def plot(res: dict, table: str, path: Path) -> Path | None:
     return path
 
 
-def _plain(obj):
-    if isinstance(obj, dict):
-        return {str(k): _plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_plain(v) for v in obj]
-    if isinstance(obj, torch.Tensor):
-        return obj.item() if obj.numel() == 1 else obj.tolist()
-    if isinstance(obj, (np.floating, np.integer, np.bool_)):
-        return obj.item()
-    return obj
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "datasets"))
@@ -568,7 +556,7 @@ def main() -> None:
     folder.mkdir(parents=True, exist_ok=True)
     png = plot(res, f"random {st.score_fraction:.0%}", folder / f"{name}.png")
     md = render(res) + (f"\n\n![accuracy cost against forget time]({png.name})" if png else "")
-    for path in write_results(name, _plain(res), md, folder):
+    for path in write_results(name, plain(res), md, folder):
         print(path)
 
 

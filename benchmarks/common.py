@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -55,3 +56,16 @@ def write_results(name: str, payload: dict, markdown: str, folder: Path = RESULT
         f"- torch {env['torch']} ({env['torch_threads']} threads), Python {env['python']}", f"- date: {env['date']}",
     ]) + "\n")
     return js, md
+
+
+def plain(obj):
+    """`obj` with tensors and numpy scalars turned into JSON's types (dict keys into strings)."""
+    if isinstance(obj, dict):
+        return {str(k): plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [plain(v) for v in obj]
+    if isinstance(obj, torch.Tensor):
+        return obj.item() if obj.numel() == 1 else obj.tolist()
+    if isinstance(obj, (np.floating, np.integer, np.bool_)):
+        return obj.item()
+    return obj

@@ -71,7 +71,7 @@ from sisa.model import build_model
 from sisa.run import pick_device
 
 from . import metrics
-from .common import RESULTS, environment, write_results
+from .common import RESULTS, environment, plain, write_results
 from .methods import deltagrad, finetune, gradient_ascent, neggrad, retrain, salun, scrub
 from .methods.common import Task, logits_of, new_model, train
 
@@ -492,18 +492,6 @@ def deltagrad_table(st: Setting, data_dir: str) -> dict:
     return out
 
 
-def _plain(obj):
-    if isinstance(obj, dict):
-        return {str(k): _plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_plain(v) for v in obj]
-    if isinstance(obj, torch.Tensor):
-        return obj.item() if obj.numel() == 1 else obj.tolist()
-    if isinstance(obj, (np.floating, np.integer)):
-        return obj.item()
-    return obj
-
-
 DELTAGRAD_CONFIGS = {
     "logreg": deltagrad.DeltaGradConfig(model="logreg"),
     "mlp": deltagrad.DeltaGradConfig(model="mlp", lr=0.05, l2=1e-3, j0=80),
@@ -576,7 +564,7 @@ def run_stage(name: str, st: Setting, args, device, state: Path) -> dict:
                   "part": result}
     record = {"stage": name, "environment": environment(), "seconds": time.perf_counter() - started,
               "cpu_seconds": time.process_time() - cpu, "load_avg_1min": [load, os.getloadavg()[0]],
-              "result": _plain(result)}
+              "result": plain(result)}
     tmp = state / f".{name}.json.tmp"
     tmp.write_text(json.dumps(record, indent=1))
     tmp.replace(state / f"{name}.json")  # a stage either finished or is absent: never half-written
@@ -657,7 +645,7 @@ def main() -> None:
 
     out = args.out or f"unlearning_{name}"
     md = render(results, out, args.results_dir)
-    write_results(out, _plain(results), md, args.results_dir)
+    write_results(out, plain(results), md, args.results_dir)
     print(md)
 
 

@@ -4,53 +4,25 @@ changes that loss and nothing else."""
 from __future__ import annotations
 
 import math
-from dataclasses import replace
 
 import pytest
 import torch
 
 from benchmarks.methods import fanchuan
-from benchmarks.methods.common import Task, logits_of, new_model, train
+from benchmarks.methods.common import Task, logits_of, new_model
 from sisa.audit import state_equal
 from sisa.data import load_digits
-
-C, D, N, NF = 4, 64, 160, 16
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def weights(model):
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+from tests.memorised_problem import accuracy, feature_task, memorise, one_thread, weights  # noqa: F401
 
 
 @pytest.fixture(scope="module")
 def features() -> Task:
-    """Gaussian class clusters; the first NF rows carry wrong labels (memorised by the original)."""
-    gen = torch.Generator().manual_seed(0)
-    centres = torch.randn(C, D, generator=gen)
-    labels = torch.arange(N) % C
-    feats = centres[labels] + torch.randn(N, D, generator=gen)
-    labels[:NF] = (labels[:NF] + torch.randint(1, C, (NF,), generator=gen)) % C
-    rows = torch.arange(N)
-    return Task(feats, labels, rows[NF:], rows[:NF], C, batch_size=8, seed=1, head=lambda: torch.nn.Linear(D, C))
+    return feature_task(batch_size=8)
 
 
 @pytest.fixture(scope="module")
 def memorised(features):
-    everything = replace(features, retain=torch.arange(N), batch_size=32)
-    model = train(new_model(features, 1), everything, everything.retain, epochs=40, lr=0.1, seed=1)
-    assert accuracy(model, features, features.forget) == 1.0
-    return model
-
-
-def accuracy(model, task, rows) -> float:
-    return (logits_of(model, task.images[rows]).argmax(-1) == task.labels[rows]).float().mean().item()
+    return memorise(features)
 
 
 def confidence(model, task, rows) -> float:

@@ -10,51 +10,21 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.methods import salun, scrub
-from benchmarks.methods.common import Task, logits_of, new_model, train
+from benchmarks.methods.common import Task, new_model
 from sisa.audit import state_equal
 from sisa.data import load_digits
 from sisa.partition import derive_seed
-
-C, D, N, NF = 4, 64, 160, 16
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core machine: a second intra-op thread only waits (measured 30x slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def weights(model):
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+from tests.memorised_problem import C, D, accuracy, feature_task, memorise, one_thread, weights  # noqa: F401
 
 
 @pytest.fixture(scope="module")
 def features() -> Task:
-    """Gaussian class clusters (a frozen trunk's features); the first NF rows carry wrong labels,
-    so a model that gets them right has memorised them, and a retrained one would not."""
-    gen = torch.Generator().manual_seed(0)
-    centres = torch.randn(C, D, generator=gen)
-    labels = torch.arange(N) % C
-    feats = centres[labels] + torch.randn(N, D, generator=gen)
-    labels[:NF] = (labels[:NF] + torch.randint(1, C, (NF,), generator=gen)) % C
-    rows = torch.arange(N)
-    return Task(feats, labels, rows[NF:], rows[:NF], C, batch_size=32, seed=1, head=lambda: torch.nn.Linear(D, C))
+    return feature_task(batch_size=32)
 
 
 @pytest.fixture(scope="module")
 def memorised(features):
-    everything = replace(features, retain=torch.arange(N))
-    model = train(new_model(features, 1), everything, everything.retain, epochs=40, lr=0.1, seed=1)
-    assert accuracy(model, features, features.forget) == 1.0, "the original must have memorised its forget set"
-    assert accuracy(model, features, features.retain) == 1.0
-    return model
-
-
-def accuracy(model, task, rows) -> float:
-    return (logits_of(model, task.images[rows]).argmax(-1) == task.labels[rows]).float().mean().item()
+    return memorise(features)
 
 
 def salun_mask(original, task, ratio, seed=0):
