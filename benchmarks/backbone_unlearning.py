@@ -13,8 +13,11 @@ Rows, all in one process (torch on one thread: these heads are tiny, and on two 
 thread only waits):
   - public-only: the backbone's own classifier, which never saw the private data (the floor);
   - Original: the head trained on all private data; Retrain: trained without the forget set;
-  - FT, GA, GA (dual), NegGrad+, SCRUB, SalUn from the Original, tuned as in benchmarks.unlearning
-    (a tuning forget set disjoint from the evaluated one and a validation split of the test set);
+  - FT, GA, GA (dual), NegGrad+, SCRUB, SalUn, data modification (DM, both directions), the
+    NeurIPS 2023 winner (Fanchuan) and its improved loss, and distillation into a fresh head
+    (Distill) from the Original, tuned as in benchmarks.unlearning (a tuning forget set disjoint
+    from the evaluated one and a validation split of the test set); each grid's first point is
+    its source's recipe (benchmarks/methods/);
   - SISA, S = 5 and 20: real `sisa.train` runs and a timed `sisa.forget` of the forget set; the heads
     it leaves are checked bitwise against the product's training code run on the retained data;
   - DeltaGrad: multinomial logistic regression on the same features, its own convex setting,
@@ -26,6 +29,11 @@ unlearned models per method (N seeds of the method, from the one Original) again
 heads. Its ceiling at finite N is measured, not assumed: Retrain against Retrain with other seeds.
 SISA's unlearned ensemble for seed s is, bit for bit, SISA trained on the retained data with seed s
 (checked above for one seed), so its N models come from the product's training code directly.
+
+Two studies the new methods raise: what a Distill student still knows of the forget set through
+its teacher's retain-set logits (a student of the Original against the same student taught by
+Retrain), and whether relearning undoes the forgetting (GA against data modification, forget
+accuracy after every epoch; `relearning_study`).
 
 Partition study: uniform shards against shards that are k-means clusters of the trunk's features.
 The centroids are fitted on the PUBLIC features only: a partition fitted on private data would
@@ -50,8 +58,9 @@ from sisa.config import RunConfig
 
 from . import metrics
 from .common import environment, plain, write_results
-from .methods import deltagrad, finetune, gradient_ascent, neggrad, salun, scrub
+from .methods import data_modification, deltagrad, distill, fanchuan, finetune, gradient_ascent, neggrad, salun, scrub
 from .methods.common import Task, logits_of, new_model, train
+from .methods.common import accuracy as task_accuracy
 
 ROOT = Path(__file__).resolve().parents[1]
 WORK = ROOT / "benchmarks" / "work" / "public_backbone"
@@ -63,6 +72,11 @@ APPROXIMATE = {
     "NegGrad+": (neggrad.unlearn, neggrad.GRID),
     "SCRUB": (scrub.unlearn, scrub.GRID),
     "SalUn": (salun.unlearn, salun.GRID),
+    "DM (ascend)": (data_modification.unlearn, data_modification.ASCEND_GRID),
+    "DM (descend)": (data_modification.unlearn, data_modification.DESCEND_GRID),
+    "Fanchuan": (fanchuan.unlearn, fanchuan.GRID),
+    "Fanchuan (improved)": (fanchuan.unlearn, fanchuan.GRID_IMPROVED),
+    "Distill": (distill.unlearn, distill.TUNED_GRID),
 }
 
 
@@ -293,8 +307,8 @@ def method_table(f: Features, p: Problem, st: Setting, original, public_head, ba
     rows: dict[str, dict] = {}
     rows["public-only"] = {**evaluate(head_probs(public_head, f, p), f, p), "seconds": None}
     rows["Original"] = {**evaluate(head_probs(original, f, p), f, p), "seconds": None}  # nothing unlearned
-    model, secs = timed(train, new_model(task, st.seed), task, task.retain, st.epochs, st.lr, seed=st.seed)
-    rows["Retrain"] = {**evaluate(head_probs(model, f, p), f, p), "seconds": secs}
+    retrained, secs = timed(train, new_model(task, st.seed), task, task.retain, st.epochs, st.lr, seed=st.seed)
+    rows["Retrain"] = {**evaluate(head_probs(retrained, f, p), f, p), "seconds": secs}
     val_acc = accuracy(original, f.test[p.val], f.test_y[p.val])
     for name, (fn, grid) in APPROXIMATE.items():
         hp, tried = tune(fn, grid, original, task, f, p, val_acc)
@@ -305,7 +319,59 @@ def method_table(f: Features, p: Problem, st: Setting, original, public_head, ba
     for r in rows.values():
         r["gap_to_retrain"] = metrics.gap(r, rows["Retrain"])
         r["speedup"] = rows["Retrain"]["seconds"] / r["seconds"] if r["seconds"] else None
-    return {"forget_size": len(p.forget), "methods": rows}
+    return {"forget_size": len(p.forget), "methods": rows,
+            "distill_knowledge": distill_knowledge(f, p, task, original, retrained, rows["Distill"]["hp"])}
+
+
+def distill_knowledge(f: Features, p: Problem, task: Task, original, retrained, hp: dict) -> dict:
+    """How much of the forget set a distilled student still knows through its teacher's retain-set
+    logits: the same student recipe (the Distill row's hyper-parameters, same seed) taught once by
+    the Original and once by Retrain, which never saw the forget set. Both students see the same
+    retain rows; the only difference is what the teacher learnt from the forget set, so the gap
+    between them on the forget set is the knowledge that leaks through the teacher."""
+    def summary(model) -> dict:
+        probs = head_probs(model, f, p)
+        out = evaluate(probs, f, p)
+        out["forget_true_class_prob"] = probs["forget"].gather(1, f.train_y[p.forget][:, None]).mean().item()
+        return out
+    return {"hp": hp, "Original": summary(original), "Retrain": summary(retrained),
+            "student of Original": summary(distill.unlearn(original, task, **hp)),
+            "student of Retrain": summary(distill.unlearn(retrained, task, **hp))}
+
+
+def relearning_study(f: Features, p: Problem, st: Setting, original) -> dict:
+    """Does later relearning undo the forgetting? The data-modification study's claim: gradient
+    ascent's forgetting is undone by the retain passes that follow, data modification's is not.
+    The dual-phase GA (beta 0.3) and data modification in both directions, on the study's schedule
+    (45 epochs, lr 0.01, decayed 10x at epoch 20) and on the heads' scale (the grids' last point:
+    15 epochs, lr 0.1, beta 0.3, decay at 7); forget/retain/test accuracy after every epoch."""
+    task = task_for(f, p, st)
+    test = Task(f.test[~p.val], f.test_y[~p.val], torch.arange(int((~p.val).sum())), torch.arange(0), f.classes)
+
+    def eval_fn(model):
+        return {"test_acc": task_accuracy(model, test, test.retain)}
+
+    schedules = {"study": data_modification.GRID[0], "head": data_modification.GRID[3]}
+    out: dict = {"schedules": schedules, "curves": {}}
+    for name, sched in schedules.items():
+        ga = {k: sched[k] for k in ("epochs", "lr", "decay_epoch")}
+        runs = {"GA (dual)": (gradient_ascent.unlearn_dual, dict(ga, beta=0.3)),
+                "DM (ascend)": (data_modification.unlearn, dict(sched, direction="ascend")),
+                "DM (descend)": (data_modification.unlearn, dict(sched, direction="descend"))}
+        for label, (fn, hp) in runs.items():
+            history: list = []
+            fn(original, task, **hp, history=history, eval_fn=eval_fn)
+            out["curves"][f"{label}, {name} schedule"] = {"hp": hp, "history": history, **relearning_summary(history)}
+    return out
+
+
+def relearning_summary(history: list[dict]) -> dict:
+    """Lowest forget accuracy, when, and how much of the drop the epochs after it took back."""
+    low = min(history, key=lambda h: h["forget_acc"])
+    final = history[-1]
+    return {"lowest_forget_acc": low["forget_acc"], "lowest_at_epoch": low["epoch"],
+            "final_forget_acc": final["forget_acc"], "rebound": final["forget_acc"] - low["forget_acc"],
+            "final_retain_acc": final["retain_acc"], "final_test_acc": final["test_acc"]}
 
 
 # --- the forgetting score ---------------------------------------------------------------------
@@ -432,6 +498,10 @@ def render(res: dict) -> str:
             extra = r.get("hp") or ({"bitwise = retraining": r["bitwise_equal_to_retraining"],
                                      "slices retrained": r["slices_retrained"]} if "slices_retrained" in r else "")
             lines.append(f"| {m} | " + " | ".join(cells) + f" | {extra} |")
+        if "distill_knowledge" in table:
+            lines += ["", *render_distill_knowledge(table["distill_knowledge"])]
+    if "relearning" in res:
+        lines += ["", *render_relearning(res["relearning"], f"random {st['score_fraction']:.0%}")]
     sc = res["score"]
     lines += ["", f"## NeurIPS 2023 forgetting score (random {st['score_fraction']:.0%}, N = {sc['n_models']} models per side)", "",
               "Each row: N models of the method (seeds 0..N-1, from the one Original) against N Retrain heads. "
@@ -462,6 +532,55 @@ def render(res: dict) -> str:
     lines += ["", "Distance ratio: ||DeltaGrad - Retrain|| / ||Original - Retrain|| of the parameters.",
               "", f"Whole benchmark: {res['seconds']:.0f} s."]
     return "\n".join(lines)
+
+
+def render_distill_knowledge(k: dict) -> list[str]:
+    """The student's inheritance: a student of the Original against a student of Retrain."""
+    lines = ["What the Distill student still knows of the forget set through its teacher (same student recipe "
+             f"{k['hp']}, taught by the Original or by Retrain):", "",
+             "| model | forget acc | mean true-class prob on forget | test acc | MIA (kit) | MIA-efficacy |",
+             "|---|---|---|---|---|---|"]
+    for m in ("Original", "student of Original", "student of Retrain", "Retrain"):
+        r = k[m]
+        lines.append(f"| {m} | {r['forget_acc']:.2f} | {r['forget_true_class_prob']:.4f} | {r['test_acc']:.2f} | "
+                     f"{r['mia_kit']:.2f} | {r['mia_efficacy']:.2f} |")
+    return lines
+
+
+def render_relearning(rel: dict, table: str) -> list[str]:
+    lines = [f"## Does relearning undo the forgetting? ({table}; per-epoch curves in the JSON)", "",
+             "The data-modification study's claim: gradient ascent's forgetting is undone by the retain passes that "
+             "follow it, data modification's is not. Accuracies after every epoch (both passes); rebound = final "
+             "forget accuracy minus the lowest.", "",
+             "| method, schedule | lowest forget acc (epoch) | final forget acc | rebound | final retain acc | final test acc |",
+             "|---|---|---|---|---|---|"]
+    for name, c in rel["curves"].items():
+        lines.append(f"| {name} | {100 * c['lowest_forget_acc']:.2f} ({c['lowest_at_epoch']}) | "
+                     f"{100 * c['final_forget_acc']:.2f} | {100 * c['rebound']:+.2f} | {100 * c['final_retain_acc']:.2f} | "
+                     f"{100 * c['final_test_acc']:.2f} |")
+    return lines
+
+
+def plot_relearning(rel: dict, path: Path) -> Path | None:
+    """Forget accuracy after every epoch, one line per method and schedule."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, c in rel["curves"].items():
+        h = c["history"]
+        ax.plot([e["epoch"] for e in h], [100 * e["forget_acc"] for e in h], label=name,
+                linestyle="-" if "study" in name else "--")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("forget-set accuracy (%)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def plot(res: dict, table: str, path: Path) -> Path | None:
@@ -546,6 +665,7 @@ def main() -> None:
     hps = {m: res["tables"][scored.name]["methods"][m]["hp"] for m in APPROXIMATE}
     res["score"] = score_table(f, scored, st, original, hps, base_cfg, init)
     print(f"score: done at {time.perf_counter() - started:.0f} s", file=sys.stderr)
+    res["relearning"] = relearning_study(f, scored, st, original)
     res["partition"] = partition_study(f, st, base_cfg, init)
     res["deltagrad"], res["deltagrad_config"] = deltagrad_rows(f, probs, st)
     for s in st.shards:
@@ -556,6 +676,8 @@ def main() -> None:
     folder.mkdir(parents=True, exist_ok=True)
     png = plot(res, f"random {st.score_fraction:.0%}", folder / f"{name}.png")
     md = render(res) + (f"\n\n![accuracy cost against forget time]({png.name})" if png else "")
+    curves = plot_relearning(res["relearning"], folder / f"{name}_relearning.png")
+    md += f"\n\n![forget accuracy after every epoch]({curves.name})" if curves else ""
     for path in write_results(name, plain(res), md, folder):
         print(path)
 

@@ -7,8 +7,9 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-METHODS = ["public-only", "Original", "Retrain", "FT", "GA", "GA (dual)", "NegGrad+", "SCRUB", "SalUn",
-           "SISA S=2", "SISA S=3"]
+APPROXIMATE = ["FT", "GA", "GA (dual)", "NegGrad+", "SCRUB", "SalUn", "DM (ascend)", "DM (descend)", "Fanchuan",
+               "Fanchuan (improved)", "Distill"]
+METHODS = ["public-only", "Original", "Retrain", *APPROXIMATE, "SISA S=2", "SISA S=3"]
 
 
 def test_backbone_unlearning_smoke(tmp_path):
@@ -31,6 +32,12 @@ def test_backbone_unlearning_smoke(tmp_path):
             assert rows[s]["bitwise_equal_to_retraining"] is True, (name, s)
             assert rows[s]["slices_retrained"] > 0
         assert {r["hp"]["epochs"] > 0 for m, r in rows.items() if "hp" in r} == {True}
+        assert rows["DM (ascend)"]["hp"]["direction"] == "ascend" and rows["DM (descend)"]["hp"]["direction"] == "descend"
+        assert rows["Fanchuan (improved)"]["hp"].get("improved") is True and "improved" not in rows["Fanchuan"]["hp"]
+        knows = table["distill_knowledge"]
+        assert knows["hp"] == rows["Distill"]["hp"]
+        assert list(knows) == ["hp", "Original", "Retrain", "student of Original", "student of Retrain"]
+        assert knows["student of Original"]["forget_acc"] == rows["Distill"]["forget_acc"]  # the row's own student
     cls = res["tables"]["class 0"]["methods"]
     assert cls["Original"]["forget_acc"] > 0  # there was something to forget
     # a head that never saw a class does not predict it, and neither does any SISA constituent
@@ -38,11 +45,17 @@ def test_backbone_unlearning_smoke(tmp_path):
 
     score = res["score"]
     assert score["n_models"] == 4
-    for m in ["Retrain (other seeds)", "Original", "FT", "SCRUB", "SalUn", "SISA S=2", "SISA S=2 vs SISA retrained"]:
+    for m in ["Retrain (other seeds)", "Original", *APPROXIMATE, "SISA S=2", "SISA S=2 vs SISA retrained"]:
         assert 0 <= score[m]["forget_quality"] <= 1, m
     assert [q["partition"] for q in res["partition"]][:2] == ["uniform", "k-means of public features"]
     assert sum(1 for q in res["partition"] if q["partition"] == "uniform") == 2
     assert [d["forget_set"] for d in res["deltagrad"]] == ["random 10%", "class 0"]
     assert all(d["distance_ratio"] < 0.5 for d in res["deltagrad"])  # DeltaGrad lands near its retraining
+    curves = res["relearning"]["curves"]
+    assert list(curves) == [f"{m}, {s} schedule" for s in ("study", "head") for m in ("GA (dual)", "DM (ascend)", "DM (descend)")]
+    for name, c in curves.items():
+        assert [h["epoch"] for h in c["history"]] == list(range(1, c["hp"]["epochs"] + 1)), name
+        assert c["final_forget_acc"] == c["history"][-1]["forget_acc"] and c["rebound"] >= 0, name
     md = (tmp_path / "backbone_unlearning_smoke.md").read_text()
-    assert "NeurIPS 2023 forgetting score" in md and "| SISA S=3 |" in md
+    assert "NeurIPS 2023 forgetting score" in md and "| SISA S=3 |" in md and "| Fanchuan (improved) |" in md
+    assert "Does relearning undo the forgetting?" in md and "| student of Retrain |" in md

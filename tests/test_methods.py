@@ -80,6 +80,24 @@ def test_gradient_ascent_raises_the_forget_loss(task, original, method):
     assert after_f - before_f > after_r - before_r, "the forget set suffers more than the retain set"
 
 
+def test_dual_gradient_ascent_schedule_and_history(task, original):
+    """The data-modification study's GA schedule: decay from `decay_epoch` on (past the last epoch,
+    or decay 1, it is the constant-lr run); a history has one entry per epoch and changes nothing."""
+    hp = dict(epochs=2, lr=0.05, beta=0.3)
+    plain = weights(gradient_ascent.unlearn_dual(original, task, **hp))
+    assert state_equal(plain, weights(gradient_ascent.unlearn_dual(original, task, **hp, decay_epoch=2)))
+    assert state_equal(plain, weights(gradient_ascent.unlearn_dual(original, task, **hp, decay_epoch=1, decay=1.0)))
+    decayed = gradient_ascent.unlearn_dual(original, task, **hp, decay_epoch=1)
+    assert not state_equal(plain, weights(decayed))
+    history = []
+    recorded = gradient_ascent.unlearn_dual(original, task, **hp, decay_epoch=1, history=history,
+                                            eval_fn=lambda m: {"training": m.training})
+    assert state_equal(weights(decayed), weights(recorded)), "recording changes nothing"
+    assert [h["epoch"] for h in history] == [1, 2] and not any(h["training"] for h in history)
+    forget_acc = (logits_of(recorded, task.images[task.forget]).argmax(-1) == task.labels[task.forget]).float().mean()
+    assert history[-1]["forget_acc"] == forget_acc.item()
+
+
 def test_neggrad_plus_pushes_forget_loss_above_retain_loss(task, original):
     model = neggrad.unlearn(original, task, epochs=2, lr=0.01, alpha=0.9)
     gain_f = loss_on(model, task, task.forget) - loss_on(original, task, task.forget)

@@ -101,6 +101,29 @@ def train(model: nn.Module, task: Task, rows: torch.Tensor, epochs: int, lr: flo
     return model.eval()
 
 
+def accuracy(model: nn.Module, task: Task, rows: torch.Tensor) -> float:
+    """Top-1 accuracy (0..1) on `rows`, un-augmented, in eval mode; nan for no rows."""
+    if len(rows) == 0:
+        return float("nan")
+    pred = logits_of(model, task.images[rows]).argmax(-1)
+    return (pred == task.labels[rows].cpu()).float().mean().item()
+
+
+def epoch_record(model: nn.Module, task: Task, epoch: int, eval_fn: Callable[[nn.Module], dict] | None = None) -> dict:
+    """One entry of a method's per-epoch history: the epoch and the forget/retain accuracy, plus
+    `eval_fn(model)`'s entries. Draws no randomness and leaves batch-norm statistics untouched
+    (eval mode), so recording a history changes nothing in the result."""
+    was_training = model.training
+    model.eval()
+    entry = {"epoch": epoch, "forget_acc": accuracy(model, task, task.forget),
+             "retain_acc": accuracy(model, task, task.retain)}
+    if eval_fn is not None:
+        with torch.no_grad():
+            entry.update(eval_fn(model))
+    model.train(was_training)
+    return entry
+
+
 @torch.no_grad()
 def logits_of(model: nn.Module, images: torch.Tensor, batch: int = 1024) -> torch.Tensor:
     model.eval()

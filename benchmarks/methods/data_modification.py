@@ -46,10 +46,9 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
-
 from sisa.partition import derive_seed
 
-from .common import Task, batches, logits_of, sgd
+from .common import Task, batches, epoch_record, sgd
 
 GRID = [
     dict(epochs=45, lr=0.01, beta=0.005, decay_epoch=20),  # the source's recipe
@@ -61,27 +60,6 @@ ASCEND_GRID = [dict(g, direction="ascend") for g in GRID]
 DESCEND_GRID = [dict(g, direction="descend") for g in GRID]
 
 SIGN = {"ascend": -1.0, "descend": 1.0}
-
-
-def accuracy(model: nn.Module, task: Task, rows: torch.Tensor) -> float:
-    """Top-1 accuracy (0..1) on `rows`, un-augmented, in eval mode; nan for no rows."""
-    if len(rows) == 0:
-        return float("nan")
-    pred = logits_of(model, task.images[rows]).argmax(-1)
-    return (pred == task.labels[rows].cpu()).float().mean().item()
-
-
-def record(model: nn.Module, task: Task, epoch: int, eval_fn: Callable[[nn.Module], dict] | None = None) -> dict:
-    """One history entry: the epoch and the forget/retain accuracy, plus `eval_fn(model)`'s entries."""
-    was_training = model.training
-    model.eval()
-    entry = {"epoch": epoch, "forget_acc": accuracy(model, task, task.forget),
-             "retain_acc": accuracy(model, task, task.retain)}
-    if eval_fn is not None:
-        with torch.no_grad():
-            entry.update(eval_fn(model))
-    model.train(was_training)
-    return entry
 
 
 def unlearn(original, task: Task, epochs: int = 45, lr: float = 0.01, beta: float = 0.005, decay_epoch: int = 20,
@@ -112,5 +90,5 @@ def unlearn(original, task: Task, epochs: int = 45, lr: float = 0.01, beta: floa
         for x, y in batches(task, task.retain, gen):
             step(retain_opt, F.cross_entropy(model(x), y))
         if history is not None:
-            history.append(record(model, task, epoch + 1, eval_fn))
+            history.append(epoch_record(model, task, epoch + 1, eval_fn))
     return model.eval()
