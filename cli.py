@@ -298,6 +298,7 @@ def pretrain(
     epochs: Annotated[int, typer.Option(help="Training epochs.")] = 30,
     data_dir: Annotated[Path, typer.Option(help="Where mnist/fashion-mnist/cifar10 files live.")] = Path("data"),
     test_manifest: Annotated[Optional[Path], typer.Option(help="Test-set manifest for a CSV dataset (the record's test accuracy).")] = None,
+    image_size: Annotated[Optional[str], typer.Option("--image-size", help="Resize every image to N x N or H x W pixels (`32`, `24x32`) when it is loaded, as `sisa train --image-size` does (Pillow's BILINEAR filter).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the initial weights and the data order.")] = 0,
     batch_size: Annotated[int, typer.Option(help="Training batch size.")] = 64,
     lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 0.05,
@@ -309,11 +310,13 @@ def pretrain(
 
     Nothing learned here can be unlearned later: use only data nobody may ask to delete."""
     from sisa.backbone import pretrain as run_pretrain
+    from sisa.config import parse_image_size
     from sisa.run import pick_device
 
+    size = parse_image_size(image_size) if image_size is not None else None
     with ShardProgress(1) as bars:
         record = run_pretrain(dataset, data_dir, out, epochs, seed, batch_size, lr, pick_device(device), bars,
-                              test_manifest, width)
+                              test_manifest, width, size)
     test = f", test accuracy {100 * record['test_accuracy']:.2f}%" if record["test_accuracy"] is not None else ""
     emit(as_json, record, f"pretrained on {record['samples']} {record['dataset']} samples: train accuracy "
                           f"{100 * record['train_accuracy']:.2f}%{test} -> {out} (sha256 {record['weights_sha256'][:12]})")
@@ -499,7 +502,7 @@ def evaluate(run_dir: RunDir = Path("sisa-run"), device: RunOn = "auto", as_json
 @handles_errors
 def audit(
     retrain: Annotated[Optional[str], typer.Option(help="Also retrain SHARD (or `all`) from scratch on --device and compare bit for bit (CPU runs match on any CPU; GPU runs on the same GPU type, when trained --deterministic).")] = None,
-    repair: Annotated[bool, typer.Option(help="Rebuild corrupt or missing checkpoints from the last good one before them.")] = False,
+    repair: Annotated[bool, typer.Option(help="Rebuild corrupt or missing checkpoints from the last good one before them; zero any deleted sample's pixels found in the image cache.")] = False,
     device: Annotated[str, typer.Option("--device", help="Where --retrain and --repair train: cpu, cuda, cuda:N.")] = "cpu",
     run_dir: RunDir = Path("sisa-run"),
     as_json: JsonOut = False,

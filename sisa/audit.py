@@ -115,6 +115,7 @@ def audit(run: Run, retrain: Iterable[int] = (), repair: bool = False, device: s
     if kept:
         report.failures.append(f"{len(kept)} deleted samples still have a content hash, e.g. {kept[0]!r}")
     _audit_backbone(run, report)
+    _audit_images(run, report)
     for shard in sorted(set(retrain)):
         report.retrained.append(shard)
         if any(k[0] == shard for k in bad_files):
@@ -131,6 +132,18 @@ def audit(run: Run, retrain: Iterable[int] = (), repair: bool = False, device: s
             if not _features_match(run, shard):
                 report.failures.append(f"shard {shard}: cached features differ from what the trunk computes")
     return report
+
+
+def _audit_images(run: Run, report: AuditReport) -> None:
+    """The image cache (a run made from image files): deleted samples' rows are zeros, retained
+    ones match their content hashes, and every retained source file still hashes as when decoded."""
+    from store.images import caches
+
+    from .imagecache import find_problems
+
+    if caches(run.index):
+        report.checks += 3
+        report.failures += find_problems(run.dir, run.index)
 
 
 def _audit_backbone(run: Run, report: AuditReport) -> None:
@@ -190,6 +203,10 @@ def _repair(run: Run, device: str | torch.device = "cpu") -> list[str]:
                 s.execute(Checkpoint.__table__.delete().where(Checkpoint.shard == shard, Checkpoint.slice >= i))
             repaired.append(f"shard {shard}: rebuilt slices {i}..{run.config.slices - 1}")
             break
+    from .imagecache import zero_deleted
+
+    if zeroed := zero_deleted(run.dir, run.index):  # pixels of deleted samples put back into the cache
+        repaired.append(f"image cache: zeroed the rows of {zeroed} deleted samples")
     run.complete(device)
     run.finish_requests()
     return repaired

@@ -303,13 +303,14 @@ def trunk_features(cfg, init: Mapping[str, torch.Tensor] | None, images: torch.T
 
 def pretrain(dataset: str, data_dir: Path | str, out: Path | str, epochs: int, seed: int = 0,
              batch_size: int = 64, lr: float = 0.05, device: torch.device | str = "cpu", progress=None,
-             test_manifest: Path | str | None = None, width: int = 64) -> dict:
+             test_manifest: Path | str | None = None, width: int = 64, size: tuple[int, int] | None = None) -> dict:
     """Train one monolithic ResNet-18 on `dataset`, which the user declares public, and write its
     weights to `out` (a bare state dict, torchvision's names) and a JSON record to out.with_suffix(".json").
 
     It is the project's own training (run_shard_job on one shard of one slice), not a second loop:
     the same recipe, seeds and determinism. Nothing learned here can be unlearned later, which is
-    why the data must be public. Returns the JSON record.
+    why the data must be public. `size` (H, W): every image resized to it (--image-size), recorded
+    in the record's config. Returns the JSON record.
     """
     # Imported here, not at the top: run.py will import this module for initial_weights.
     from .data import load_dataset
@@ -325,9 +326,10 @@ def pretrain(dataset: str, data_dir: Path | str, out: Path | str, epochs: int, s
         raise UsageError(f"folder {out.parent} does not exist")
     if record_path == out or record_path.is_dir():
         raise UsageError(f"cannot write the record beside {out} as {record_path}: choose a name ending in .pt")
-    cfg = config_for(dataset, shards=1, slices=1, epochs=epochs, seed=seed, batch_size=batch_size, lr=lr, width=width)
+    cfg = config_for(dataset, shards=1, slices=1, epochs=epochs, seed=seed, batch_size=batch_size, lr=lr, width=width,
+                     resize=tuple(size) if size else None)
     cfg.validate()
-    data = load_dataset(dataset, data_dir, test_manifest=test_manifest)
+    data = load_dataset(dataset, data_dir, test_manifest=test_manifest, size=cfg.resize or None)
     cfg = _fit_to_data(cfg, data)  # channels, classes, ... exactly as a run records them
     train = data.train
     if len(train) < 2:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import csv
 import gzip
 import hashlib
+import io
 import os
 import pickle
 from dataclasses import dataclass
@@ -56,8 +57,12 @@ class Split:
         """sha256 of each sample's label and pixels: the index checks retained data is unchanged."""
         imgs = self.images.reshape(len(self), -1).numpy()
         labels = self.labels.numpy()
-        return [hashlib.sha256(int(y).to_bytes(4, "little") + row.tobytes()).hexdigest()
-                for y, row in zip(labels, imgs)]
+        return [sample_hash(y, row) for y, row in zip(labels, imgs)]
+
+
+def sample_hash(label: int, pixels: np.ndarray) -> str:
+    """sha256 of a label (4 bytes, little-endian) and a uint8 image's bytes: a sample's content hash."""
+    return hashlib.sha256(int(label).to_bytes(4, "little") + np.ascontiguousarray(pixels).tobytes()).hexdigest()
 
 
 @dataclass
@@ -180,14 +185,16 @@ def _one_line(e: BaseException) -> str:
     return " ".join(str(e).split()) or type(e).__name__
 
 
-def _decode(path: Path, mode: str | None, size: tuple[int, int] | None, where: str = "") -> np.ndarray:
+def _decode(path: Path, mode: str | None, size: tuple[int, int] | None, where: str = "",
+            data: bytes | None = None) -> np.ndarray:
     """One image file as uint8 (C, H, W) in `mode` (None: L for grayscale modes, else RGB),
-    resized to `size` (H, W). Every failure is one SisaError line naming the file and `where`."""
+    resized to `size` (H, W). Every failure is one SisaError line naming the file and `where`.
+    `data`: the file's bytes, already read (the image cache hashes the very bytes it decodes)."""
     from PIL import Image
 
     where = f" ({where})" if where else ""
     try:
-        with Image.open(path) as im:
+        with Image.open(path if data is None else io.BytesIO(data)) as im:
             im = im.convert(mode or ("L" if im.mode in GRAY_MODES else "RGB"))
             if size is not None and im.size != (size[1], size[0]):
                 im = im.resize((size[1], size[0]), getattr(Image, RESAMPLE))
@@ -214,7 +221,26 @@ def _size_error(source: Path, name: str, shape, first: str, first_shape) -> Sisa
 def load_manifest(path: Path, class_names: tuple[str, ...] | None = None, channels: int | None = None,
                   size: tuple[int, int] | None = None) -> tuple[Split, tuple[str, ...]]:
     """A CSV `id,path,label[,owner]` of image files. Labels are class names (or integers). With
-    `channels` and `size` (a run's), images are converted and resized to them, as `predict` does."""
+    `channels` and `size` (a run's), images are converted and resized to them, as `predict` does.
+    Decodes in this process, one file after another (a run's cache decodes in parallel:
+    sisa.imagecache)."""
+    path = Path(path)
+    ids, names, labels, owners, class_names = read_manifest(path, class_names)
+    images: list[np.ndarray] = []
+    for line, name in enumerate(names, start=2):  # the header is line 1
+        arr = _decode(path.parent / name, {1: "L", 3: "RGB"}.get(channels or 0), size, f"{path.name} line {line}")
+        if not images:
+            channels = arr.shape[0]  # the first image decides
+        elif arr.shape != images[0].shape:
+            raise _size_error(path, name, arr.shape, f"the first ({names[0]})", images[0].shape)
+        images.append(arr)
+    return Split(ids, torch.from_numpy(np.stack(images)), torch.tensor(labels, dtype=torch.int64), owners), class_names
+
+
+def read_manifest(path: Path, class_names: tuple[str, ...] | None = None
+                  ) -> tuple[list[str], list[str], list[int], list[str | None], tuple[str, ...]]:
+    """(ids, image paths as written (relative to the manifest), labels, owners, classes) of a
+    manifest, checked; nothing decoded."""
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"manifest not found: {path}")
@@ -238,16 +264,8 @@ def load_manifest(path: Path, class_names: tuple[str, ...] | None = None, channe
     unknown = [s for s in labels if s not in index]
     if unknown:
         raise SisaError(f"{path}: unknown label {unknown[0]!r} (classes: {', '.join(class_names)})")
-    images: list[np.ndarray] = []
-    for line, r in enumerate(rows, start=2):  # the header is line 1
-        arr = _decode(path.parent / r["path"], {1: "L", 3: "RGB"}.get(channels or 0), size, f"{path.name} line {line}")
-        if not images:
-            channels = arr.shape[0]  # the first image decides
-        elif arr.shape != images[0].shape:
-            raise _size_error(path, r["path"], arr.shape, f"the first ({rows[0]['path']})", images[0].shape)
-        images.append(arr)
     owners = [(r.get("owner") or "").strip() or None for r in rows]
-    return Split(ids, torch.from_numpy(np.stack(images)), torch.tensor([index[s] for s in labels]), owners), class_names
+    return ids, [r["path"] for r in rows], [index[s] for s in labels], owners, class_names
 
 
 def is_folder(name: str | Path) -> bool:

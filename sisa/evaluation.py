@@ -16,10 +16,13 @@ def accuracy(pred: torch.Tensor, labels: torch.Tensor) -> float:
 
 
 def evaluate(run_dir: Path | str, device: str | torch.device = "cpu") -> dict:
+    from .imagecache import open_dataset
+
     run = Run.open(run_dir)
-    try:
-        data = load_dataset(run.config.dataset, run.data_dir or "data", test_manifest=run.test_manifest,
-                            size=run.config.resize or None)
+    try:  # the run's image cache, if it has one: the test split is not decoded again
+        data = (open_dataset(run.dir, run.index, run.config.dataset, run.config.class_names)
+                or load_dataset(run.config.dataset, run.data_dir or "data", test_manifest=run.test_manifest,
+                                size=run.config.resize or None))
     finally:
         run.close()
     if data.test is None:

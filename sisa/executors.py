@@ -105,10 +105,22 @@ def _index_data(dataset: Dataset) -> _Data:
 
 
 @functools.lru_cache(maxsize=1)  # a worker process keeps the last data set it loaded
-def _worker_data(name: str, data_dir: str | None, test_manifest: str | None, additions: tuple[str, ...],
-                 size: tuple[int, ...] = ()) -> _Data:
-    return _index_data(with_additions(load_dataset(name, data_dir or "data", test_manifest=test_manifest,
-                                                   size=size or None), additions))
+def _worker_data(run_dir: str, name: str, data_dir: str | None, test_manifest: str | None, additions: tuple[str, ...],
+                 size: tuple[int, ...] = (), class_names: tuple[str, ...] = ()) -> _Data:
+    """The run's image cache, memory-mapped (a job reads only its rows' pages), when it has one;
+    else the data set loaded as the coordinator loads it."""
+    from store.index import Index
+
+    from .imagecache import open_dataset
+
+    index = Index(Path(run_dir) / "index.sqlite")
+    try:
+        base = open_dataset(Path(run_dir), index, name, class_names)
+    finally:
+        index.close()
+    if base is None:
+        base = load_dataset(name, data_dir or "data", test_manifest=test_manifest, size=size or None)
+    return _index_data(with_additions(base, additions))
 
 
 def run_task(task: ShardTask, progress: Progress | None = None, data: _Data | None = None) -> ShardResult:
@@ -127,7 +139,8 @@ def run_task(task: ShardTask, progress: Progress | None = None, data: _Data | No
         inputs, labels, job = job_features(Path(task.run_dir), cfg, task.job)
     else:
         if data is None:
-            data = _worker_data(task.dataset, task.data_dir, task.test_manifest, task.additions, cfg.resize)
+            data = _worker_data(task.run_dir, task.dataset, task.data_dir, task.test_manifest, task.additions,
+                                cfg.resize, cfg.class_names)
             _check_worker_data(task, data, host)
         # Rows in the index are positions at creation; map through ids in case the source (a user's
         # manifest) has since dropped deleted rows.

@@ -13,6 +13,7 @@ the file and carry on. That is how a test kills a Ray worker on the first attemp
 
 Points, in the order a forget meets them:
   journaled          the request and its deletions are committed; no training yet
+  cache-zeroed       the image cache's rows of the deleted samples are zeros on disk, not yet marked so
   epoch              an epoch of a slice step has finished
   temp-written       a checkpoint's (or receipt's) temp file is synced, not yet renamed
   checkpoint-saved   a checkpoint file is in place, not yet in the index

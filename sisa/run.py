@@ -33,11 +33,12 @@ from sqlalchemy import func, select, update
 
 from store.checkpoints import clean_temp, read_staged, write_atomic
 from store.features import Feature, copy_features, write_features
+from store.images import caches, mark_zeroed, record as record_images, rows_to_zero, zero_rows
 from store.index import (ACTIVE, DELETED, DONE, PENDING, RETRAINING, Addition, Checkpoint, Index, MissingKeys,
                          Replacement, Request, RunRow, Sample, utcnow)
 
 from .config import AUGMENT_DEFAULTS, RunConfig, slice_epochs
-from .errors import ConflictError, SisaError, UsageError
+from .errors import ConflictError, IntegrityError, SisaError, UsageError
 from .faults import fault_point
 from .partition import ShardJob, partition
 from .receipts import build_receipt, run_secret, write_receipt
@@ -160,14 +161,41 @@ class Run:
             init, init_sha = load_init_file(init_from)  # a bad file fails here, before the data loads
             config = replace(config, init_sha256=init_sha)
         data_dir = Path(data_dir).resolve()
-        from .data import is_folder, load_dataset
+        from .data import is_folder
 
         if is_folder(config.dataset) and Path(config.dataset).is_dir():  # later commands and workers may run elsewhere
             config = replace(config, dataset=str(Path(config.dataset).resolve()))
 
-        if notify:
-            notify(f"loading {config.dataset} ...")
-        data = load_dataset(config.dataset, data_dir, download, test_manifest, config.resize or None)
+        building = run_dir.with_name(f".{run_dir.name}.creating-{os.getpid()}")
+        shutil.rmtree(building, ignore_errors=True)
+        # the first folder this call makes (run_dir's parents may not exist yet): bad input leaves none
+        made = next((p for p in reversed(building.parents) if not p.exists()), building)
+        try:
+            return cls._create_in(building, run_dir, config, data_dir, download, test_manifest, init, init_from,
+                                  notify, features_from)
+        except BaseException:
+            shutil.rmtree(made, ignore_errors=True)
+            raise
+        finally:
+            shutil.rmtree(building, ignore_errors=True)
+
+    @classmethod
+    def _create_in(cls, building: Path, run_dir: Path, config: RunConfig, data_dir: Path, download: bool,
+                   test_manifest: Path | str | None, init, init_from, notify, features_from) -> "Run":
+        """`create` in the sibling folder `building`, which the caller removes whatever happens."""
+        from .data import load_dataset
+        from .imagecache import decode_dataset, is_file_dataset
+
+        building.mkdir(parents=True)
+        decoded = {}
+        if is_file_dataset(config.dataset):  # image files: decoded once, in parallel, into the run's cache
+            if notify:
+                notify(f"decoding {config.dataset} into the run's image cache ...")
+            data, decoded, sources = decode_dataset(config.dataset, building, test_manifest, config.resize or None)
+        else:
+            if notify:
+                notify(f"loading {config.dataset} ...")
+            data = load_dataset(config.dataset, data_dir, download, test_manifest, config.resize or None)
         config = _fit_to_data(config, data)
         init_notes = None
         if init is not None:
@@ -179,45 +207,43 @@ class Run:
         if n < 2 * config.shards * config.slices:
             raise UsageError(f"{n} samples are too few for {config.shards} shards x {config.slices} slices "
                              "(each slice needs at least 2)")
-        hashes = data.train.sample_hashes()
-        building = run_dir.with_name(f".{run_dir.name}.creating-{os.getpid()}")
-        shutil.rmtree(building, ignore_errors=True)
-        try:
-            building.mkdir(parents=True)
-            features = None
-            if init_from is not None:
-                blob = Path(init_from).read_bytes()
-                if hashlib.sha256(blob).hexdigest() != config.init_sha256:
-                    raise SisaError(f"{init_from} changed while the run was being created; try again")
-                write_atomic(building / init_file_name(config.init_sha256), blob)
-            if config.frozen and features_from is not None:
-                source = _feature_source(Path(features_from), config, hashes)
-                config = replace(config, feature_shape=source.feature_shape)
-            elif config.frozen:
-                from .backbone import trunk_features
+        hashes = decoded["train"].hashes if decoded else data.train.sample_hashes()  # the decoders hashed each row
+        features = None
+        if init_from is not None:
+            blob = Path(init_from).read_bytes()
+            if hashlib.sha256(blob).hexdigest() != config.init_sha256:
+                raise SisaError(f"{init_from} changed while the run was being created; try again")
+            write_atomic(building / init_file_name(config.init_sha256), blob)
+        if config.frozen and features_from is not None:
+            source = _feature_source(Path(features_from), config, hashes)
+            config = replace(config, feature_shape=source.feature_shape)
+        elif config.frozen:
+            from .backbone import trunk_features
 
-                if notify:
-                    notify(f"computing the frozen trunk's features of {len(data.train)} samples ...")
-                features = trunk_features(config, init, data.train.images).numpy()
-                config = replace(config, feature_shape=tuple(features.shape[1:]))
-            cls._write_index(building, config, data, hashes, data_dir, test_manifest, features)
-            if config.frozen and features_from is not None:
-                index = Index(building / INDEX_FILE)
-                try:
+            if notify:
+                notify(f"computing the frozen trunk's features of {len(data.train)} samples ...")
+            features = trunk_features(config, init, data.train.images).numpy()
+            config = replace(config, feature_shape=tuple(features.shape[1:]))
+        cls._write_index(building, config, data, hashes, data_dir, test_manifest, features)
+        if decoded or (config.frozen and features_from is not None):
+            index = Index(building / INDEX_FILE)
+            try:
+                for split, d in decoded.items():
+                    record_images(index, split, d.images.shape, d.layout, d.content_sha256, sources[split], d.sources,
+                                  d.seconds, d.workers)
+                if config.frozen and features_from is not None:
                     if copy_features(index, Path(features_from) / INDEX_FILE) != n:
                         raise SisaError(f"{features_from} lacks the cached features of some samples (deleted there?)")
-                finally:
-                    index.close()
-            if run_dir.exists():
-                with writer_lock(run_dir):  # never pull a run from under a running forget
-                    trash = run_dir.with_name(f".{run_dir.name}.old-{os.getpid()}")
-                    os.replace(run_dir, trash)
-                os.replace(building, run_dir)
-                shutil.rmtree(trash, ignore_errors=True)
-            else:
-                os.replace(building, run_dir)
-        finally:
-            shutil.rmtree(building, ignore_errors=True)
+            finally:
+                index.close()
+        if run_dir.exists():
+            with writer_lock(run_dir):  # never pull a run from under a running forget
+                trash = run_dir.with_name(f".{run_dir.name}.old-{os.getpid()}")
+                os.replace(run_dir, trash)
+            os.replace(building, run_dir)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(building, run_dir)
         run = cls.open(run_dir)
         run._dataset = data
         run.init_notes = init_notes  # which tensors the init file gave, for the user
@@ -250,10 +276,14 @@ class Run:
         """The training data: the data set the run was created from, then what `add` took in."""
         if self._dataset is None:
             from .data import load_dataset, with_additions
+            from .imagecache import open_dataset
 
-            self._dataset = with_additions(load_dataset(self.config.dataset, self.data_dir or "data",
-                                                        test_manifest=self.test_manifest,
-                                                        size=self.config.resize or None), self.additions())
+            # A run made from image files opens the cache it decoded them into; `add`'s manifests
+            # are decoded again each time, as are the files of a run made before the cache.
+            base = (open_dataset(self.dir, self.index, self.config.dataset, self.config.class_names)
+                    or load_dataset(self.config.dataset, self.data_dir or "data", test_manifest=self.test_manifest,
+                                    size=self.config.resize or None))
+            self._dataset = with_additions(base, self.additions())
         return self._dataset
 
     def additions(self) -> tuple[str, ...]:
@@ -347,6 +377,7 @@ class Run:
 
         start = time.perf_counter()
         executor = make_executor(executor)
+        self.scrub_cache()  # a request journaled by a command that died before zeroing its cached pixels
         ckpt_dir = self.dir / CKPT_DIR
         clean_temp(ckpt_dir)
         report = CompleteReport(full_sample_epochs=self.full_cost())
@@ -484,6 +515,8 @@ class Run:
 
     def _check_data(self, data: Dataset, jobs: list[ShardJob]) -> None:
         """Retraining must see the very data the run was created with, minus deletions."""
+        from .data import sample_hash
+
         needed = {x for job in jobs for ids in job.slice_ids for x in ids}
         present = {sid: r for r, sid in enumerate(data.train.ids) if sid in needed}
         absent = needed - present.keys()
@@ -493,13 +526,20 @@ class Run:
         recorded = {}
         for job in jobs:
             recorded.update(self.index.content_hashes(job.shard))
-        hashes = data.train.sample_hashes()
+        images, labels = data.train.images, data.train.labels
+        # Only the rows the jobs read are hashed: from the image cache, only their pages are read.
+        hashes = {r: sample_hash(labels[r], images[r].numpy()) for r in sorted(present.values())}
         # A hash gone since the jobs were planned is a deletion journaled meanwhile, not changed data:
         # that job trains on what it was planned with, and its shard is retrained again after.
         changed = [sid for sid, r in present.items() if recorded[sid] is not None and hashes[r] != recorded[sid]]
         if changed:
             raise SisaError(f"{len(changed)} retained samples changed since the run was created, "
                             f"e.g. {changed[0]!r}: retraining on other data would not be exact")
+        cache = caches(self.index).get("train")
+        if cache is not None:  # and their source files are still what the cache was decoded from
+            from .imagecache import check_sources
+
+            check_sources(self.index, "train", sorted(r for r in present.values() if r < cache.rows))
 
     def _remove_orphans(self, keep: set[int] = frozenset()) -> None:
         """Delete checkpoint files no live row names, except those of the shards in `keep`."""
@@ -601,7 +641,25 @@ class Run:
             raise SisaError(f"{e.count} {column}s not in the index: {shown}{more} "
                             "(pass --ignore-missing to forget the rest)") from None
         fault_point("journaled")
+        self.scrub_cache()
         return req
+
+    def scrub_cache(self) -> int:
+        """Zero the image cache's rows of deleted samples (those not yet zeroed), durably: the
+        second half of journaling a request, redone by whatever command runs next if this one
+        dies in between (`complete()` starts with it). Returns the rows zeroed."""
+        cache = caches(self.index).get("train")
+        rows = rows_to_zero(self.index) if cache is not None else []
+        if not rows:
+            return 0
+        try:
+            zero_rows(self.dir, cache, rows)
+        except (FileNotFoundError, ValueError) as e:
+            raise IntegrityError(f"cannot zero deleted samples in the run's image cache {self.dir / cache.file}: "
+                                 f"{' '.join(str(e).split())}") from None
+        fault_point("cache-zeroed")
+        mark_zeroed(self.index, rows)
+        return len(rows)
 
     def forget(self, ids: Iterable[str] | None = None, owners: Iterable[str] | None = None,
                ignore_missing: bool = False, device: str | torch.device = "cpu",

@@ -251,6 +251,10 @@ class Index:
             # Derived copies go in the same transaction: the cached features of a frozen trunk.
             conn.execute(text("DELETE FROM features WHERE id IN (SELECT id FROM samples WHERE request_id = :r)"),
                          {"r": req.id})
+            # ... and what the image cache recorded of their source files; their cached pixels are
+            # zeroed right after this commits (sisa.imagecache.scrub), before any retraining.
+            conn.execute(text("UPDATE image_rows SET size = NULL, mtime_ns = NULL, sha256 = NULL WHERE split = 'train' "
+                              "AND id IN (SELECT id FROM samples WHERE request_id = :r)"), {"r": req.id})
             conn.execute(_request_keys.delete())
         return req, n_missing
 
@@ -305,3 +309,4 @@ def _set_pragmas(dbapi_conn, _record) -> None:
 
 
 from . import features as _features  # noqa: E402,F401  (registers the features table on Base)
+from . import images as _images  # noqa: E402,F401  (and the image cache's tables)
