@@ -58,6 +58,7 @@ from sisa.config import RunConfig
 
 from . import metrics
 from .common import environment, plain, write_results
+from .report import distill_knowledge_lines, plot_relearning, relearning_lines
 from .methods import data_modification, deltagrad, distill, fanchuan, finetune, gradient_ascent, neggrad, salun, scrub
 from .methods.common import Task, logits_of, new_model, train
 from .methods.common import accuracy as task_accuracy
@@ -499,9 +500,10 @@ def render(res: dict) -> str:
                                      "slices retrained": r["slices_retrained"]} if "slices_retrained" in r else "")
             lines.append(f"| {m} | " + " | ".join(cells) + f" | {extra} |")
         if "distill_knowledge" in table:
-            lines += ["", *render_distill_knowledge(table["distill_knowledge"])]
+            lines += ["", *distill_knowledge_lines(table["distill_knowledge"])]
     if "relearning" in res:
-        lines += ["", *render_relearning(res["relearning"], f"random {st['score_fraction']:.0%}")]
+        lines += ["", f"## Does relearning undo the forgetting? (random {st['score_fraction']:.0%}; per-epoch curves "
+                  "in the JSON)", "", *relearning_lines(res["relearning"]["curves"])]
     sc = res["score"]
     lines += ["", f"## NeurIPS 2023 forgetting score (random {st['score_fraction']:.0%}, N = {sc['n_models']} models per side)", "",
               "Each row: N models of the method (seeds 0..N-1, from the one Original) against N Retrain heads. "
@@ -532,55 +534,6 @@ def render(res: dict) -> str:
     lines += ["", "Distance ratio: ||DeltaGrad - Retrain|| / ||Original - Retrain|| of the parameters.",
               "", f"Whole benchmark: {res['seconds']:.0f} s."]
     return "\n".join(lines)
-
-
-def render_distill_knowledge(k: dict) -> list[str]:
-    """The student's inheritance: a student of the Original against a student of Retrain."""
-    lines = ["What the Distill student still knows of the forget set through its teacher (same student recipe "
-             f"{k['hp']}, taught by the Original or by Retrain):", "",
-             "| model | forget acc | mean true-class prob on forget | test acc | MIA (kit) | MIA-efficacy |",
-             "|---|---|---|---|---|---|"]
-    for m in ("Original", "student of Original", "student of Retrain", "Retrain"):
-        r = k[m]
-        lines.append(f"| {m} | {r['forget_acc']:.2f} | {r['forget_true_class_prob']:.4f} | {r['test_acc']:.2f} | "
-                     f"{r['mia_kit']:.2f} | {r['mia_efficacy']:.2f} |")
-    return lines
-
-
-def render_relearning(rel: dict, table: str) -> list[str]:
-    lines = [f"## Does relearning undo the forgetting? ({table}; per-epoch curves in the JSON)", "",
-             "The data-modification study's claim: gradient ascent's forgetting is undone by the retain passes that "
-             "follow it, data modification's is not. Accuracies after every epoch (both passes); rebound = final "
-             "forget accuracy minus the lowest.", "",
-             "| method, schedule | lowest forget acc (epoch) | final forget acc | rebound | final retain acc | final test acc |",
-             "|---|---|---|---|---|---|"]
-    for name, c in rel["curves"].items():
-        lines.append(f"| {name} | {100 * c['lowest_forget_acc']:.2f} ({c['lowest_at_epoch']}) | "
-                     f"{100 * c['final_forget_acc']:.2f} | {100 * c['rebound']:+.2f} | {100 * c['final_retain_acc']:.2f} | "
-                     f"{100 * c['final_test_acc']:.2f} |")
-    return lines
-
-
-def plot_relearning(rel: dict, path: Path) -> Path | None:
-    """Forget accuracy after every epoch, one line per method and schedule."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for name, c in rel["curves"].items():
-        h = c["history"]
-        ax.plot([e["epoch"] for e in h], [100 * e["forget_acc"] for e in h], label=name,
-                linestyle="-" if "study" in name else "--")
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("forget-set accuracy (%)")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
 
 
 def plot(res: dict, table: str, path: Path) -> Path | None:
@@ -676,7 +629,7 @@ def main() -> None:
     folder.mkdir(parents=True, exist_ok=True)
     png = plot(res, f"random {st.score_fraction:.0%}", folder / f"{name}.png")
     md = render(res) + (f"\n\n![accuracy cost against forget time]({png.name})" if png else "")
-    curves = plot_relearning(res["relearning"], folder / f"{name}_relearning.png")
+    curves = plot_relearning(res["relearning"]["curves"], folder / f"{name}_relearning.png")
     md += f"\n\n![forget accuracy after every epoch]({curves.name})" if curves else ""
     for path in write_results(name, plain(res), md, folder):
         print(path)

@@ -66,6 +66,14 @@ def render(results: dict, out: str, folder=RESULTS) -> str:
                         extra = f"e = {row['epochs']} ({row['steps_per_constituent']} steps per constituent); " + extra
                 lines.append(f"| {name} | " + " | ".join(_fmt(row[k]) for k, _ in COLUMNS) + f" | {extra} |")
             lines.append("")
+            if "distill_knowledge" in block:
+                lines += [*distill_knowledge_lines(block["distill_knowledge"]), ""]
+        if "relearning" in m:
+            first = next(iter(m["relearning"].values()))
+            lines += [f"### Does relearning undo the forgetting? (forget {first['fraction']:.0%}, the study's schedule: "
+                      f"{first['hp']['epochs']} epochs, lr {first['hp']['lr']} decayed 10x at epoch "
+                      f"{first['hp']['decay_epoch']}; per-epoch curves in the JSON)", "",
+                      *relearning_lines(m["relearning"]), ""]
         cc = res["cost_curve"]
         lines += ["### SISA cost curve", "",
                   f"Full retraining of this SISA run: {cc['full_sample_epochs']} sample-epochs, {cc['train_seconds']:.1f} s.", "",
@@ -95,6 +103,10 @@ def render(results: dict, out: str, folder=RESULTS) -> str:
                       for r in dg["rows"]]
         lines.append("")
     plots = plot(results, out, folder)
+    for ds, res in results["datasets"].items():
+        if "relearning" in res["methods"]:
+            png = plot_relearning(res["methods"]["relearning"], folder / f"{out}_{ds}_relearning.png")
+            plots += [png] if png else []
     lines += [f"![{p.stem}]({p.name})" for p in plots]
     lines.append(f"\nTotal benchmark time: {results['seconds'] / 60:.1f} min"
                  + (f" (this process's CPU time {results['cpu_seconds'] / 60:.1f} min)." if "cpu_seconds" in results
@@ -107,6 +119,56 @@ def render(results: dict, out: str, folder=RESULTS) -> str:
         lines.append("1-minute load average (2 cores; other work shares them): "
                      + ", ".join(f"{k} {v:.2f}" for k, v in results["load_avg_1min"]) + ".")
     return "\n".join(lines)
+
+
+def distill_knowledge_lines(k: dict) -> list[str]:
+    """What a Distill student inherits: the student of the Original against the same student taught
+    by Retrain (benchmarks.unlearning.distill_knowledge and its backbone twin)."""
+    lines = ["What the Distill student still knows of the forget set through its teacher (the same student recipe, "
+             f"{k['hp']}, taught by the Original or by Retrain):", "",
+             "| model | forget acc | mean true-class prob on forget | test acc | MIA (kit) | MIA-efficacy |",
+             "|---|---|---|---|---|---|"]
+    for m in ("Original", "student of Original", "student of Retrain", "Retrain"):
+        r = k[m]
+        lines.append(f"| {m} | {r['forget_acc']:.2f} | {r['forget_true_class_prob']:.4f} | {r['test_acc']:.2f} | "
+                     f"{r['mia_kit']:.2f} | {r['mia_efficacy']:.2f} |")
+    return lines
+
+
+def relearning_lines(curves: dict[str, dict]) -> list[str]:
+    """The relearning study's summary: per curve, the lowest forget accuracy and what came back."""
+    lines = ["The data-modification study's claim: gradient ascent's forgetting is undone by the retain passes that "
+             "follow it, data modification's is not. Accuracies after every epoch (both passes); rebound = final "
+             "forget accuracy minus the lowest.", "",
+             "| method | lowest forget acc (epoch) | final forget acc | rebound | final retain acc | final test acc |",
+             "|---|---|---|---|---|---|"]
+    for name, c in curves.items():
+        lines.append(f"| {name} | {100 * c['lowest_forget_acc']:.2f} ({c['lowest_at_epoch']}) | "
+                     f"{100 * c['final_forget_acc']:.2f} | {100 * c['rebound']:+.2f} | {100 * c['final_retain_acc']:.2f} | "
+                     f"{100 * c['final_test_acc']:.2f} |")
+    return lines
+
+
+def plot_relearning(curves: dict[str, dict], path):
+    """Forget accuracy after every epoch, one line per curve; None without matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, c in curves.items():
+        h = c["history"]
+        ax.plot([e["epoch"] for e in h], [100 * e["forget_acc"] for e in h], label=name,
+                linestyle="--" if "head" in name else "-")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("forget-set accuracy (%)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def _defaults_note(config: dict) -> str:

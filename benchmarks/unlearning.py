@@ -31,6 +31,13 @@ Experiments, each written to benchmarks/results/unlearning_<mode>.{json,md} with
         batches per epoch)): each is trained to convergence, so total compute grows with S.
   4. DeltaGrad on MNIST with the models where caching its trajectory is feasible, against
      Retrain on the same model; and the memory ResNet-18 would need.
+  5. The methods of the studies our users cite (STUDY_METHODS: data modification in both
+     directions, the NeurIPS 2023 winner and its improved loss, distillation into a fresh
+     ResNet-18), rows of table 1, each in its own stage per forget set (data modification trains
+     45 epochs per grid point); what the Distill student inherits from its teacher (a student of
+     the Original against the same student taught by Retrain); and whether relearning undoes the
+     forgetting: GA (dual) and data modification on the study's schedule, forget/retain/test
+     accuracy after every epoch (RELEARNING, one stage each, on the first forget set).
 
 Why view (a) cuts the batch: at S = 20 a digits shard holds 72 samples, two batches of the
 product's 64, so 12 epochs are 24 optimiser steps, each slice step warming up and decaying its
@@ -72,8 +79,10 @@ from sisa.run import pick_device
 
 from . import metrics
 from .common import RESULTS, environment, plain, write_results
-from .methods import deltagrad, finetune, gradient_ascent, neggrad, retrain, salun, scrub
+from .methods import (data_modification, deltagrad, distill, fanchuan, finetune, gradient_ascent, neggrad, retrain,
+                      salun, scrub)
 from .methods.common import Task, logits_of, new_model, train
+from .methods.common import accuracy as task_accuracy
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -118,6 +127,7 @@ class Setting:
     fractions: tuple[float, ...] = (0.1, 0.01)
     subset: int | None = None  # train on the first n training samples only
     grid_limit: int | None = None  # first n configurations of each method's grid
+    study_grid_limit: int | None = None  # the same for STUDY_METHODS (None: grid_limit)
     curve_epochs: int = 2  # the SISA run of the cost curve (its timings only need relative work)
     curve_k: tuple[int, ...] = (1, 8, 32)
     s_sweep: tuple[int, ...] = (1, 2, 5, 10, 20)
@@ -135,10 +145,12 @@ class Setting:
 # On digits width 16 loses nothing measurable: the original reached 98.6% test accuracy (98.3% at
 # width 64, earlier quick run). The original trains 20 epochs so that it memorises (train
 # accuracy >= 99.5%; 12 epochs gave 99.58% at width 16, too close to the line).
+# full: STUDY_METHODS try the first two points of their grids (the source's recipe and one more):
+# data modification's recipe is 45 epochs, and four of them would not fit one stage of minutes.
 SETTINGS = {
     "full": Setting(("fashion-mnist", "mnist"), epochs=30, lr=0.1, batch_size=256, shards=5, slices=10,
                     sisa_epochs=30, sisa_lr=0.1, sisa_batch_size=256, curve_epochs=10, s_sweep_epochs=15,
-                    s_sweep_steps=2000, deltagrad_subset=None),
+                    s_sweep_steps=2000, deltagrad_subset=None, study_grid_limit=2),
     "quick": Setting(("digits",), epochs=20, lr=0.05, batch_size=64, shards=5, slices=4, width=16, threads=1,
                      grid_limit=2, deltagrad_subset=4000),
     "smoke": Setting(("digits",), epochs=1, lr=0.05, batch_size=64, shards=2, slices=2, width=16, threads=1,
@@ -230,6 +242,27 @@ APPROXIMATE = {
 }
 
 
+# The methods of the studies this benchmark answers (issue 15). Each runs as its own stage per
+# forget set: key -> (row label, method, grid); the grid's first point is the source's recipe.
+STUDY_METHODS = {
+    "dm-ascend": ("DM (ascend)", data_modification.unlearn, data_modification.ASCEND_GRID),
+    "dm-descend": ("DM (descend)", data_modification.unlearn, data_modification.DESCEND_GRID),
+    "fanchuan": ("Fanchuan", fanchuan.unlearn, fanchuan.GRID),
+    "fanchuan-improved": ("Fanchuan (improved)", fanchuan.unlearn, fanchuan.GRID_IMPROVED),
+    "distill": ("Distill", distill.unlearn, distill.TUNED_GRID),
+}
+
+# The relearning study (data modification's source): the dual-phase GA and data modification on
+# the study's schedule (45 epochs, lr 0.01 decayed 10x at epoch 20; beta 0.3 for GA, 0.005 for
+# data modification), one stage each: key -> (label, method, hyper-parameters).
+_SCHEDULE = {k: data_modification.GRID[0][k] for k in ("epochs", "lr", "decay_epoch")}
+RELEARNING = {
+    "ga-dual": ("GA (dual)", gradient_ascent.unlearn_dual, dict(_SCHEDULE, beta=0.3)),
+    "dm-ascend": ("DM (ascend)", data_modification.unlearn, data_modification.ASCEND_GRID[0]),
+    "dm-descend": ("DM (descend)", data_modification.unlearn, data_modification.DESCEND_GRID[0]),
+}
+
+
 def forget_sets(n: int, n_test: int, st: Setting) -> tuple[torch.Tensor, dict[float, tuple[np.ndarray, np.ndarray]]]:
     """The validation mask over the test split (20%) and, per fraction, (forget rows, tuning rows):
     one generator drawn in a fixed order, so every stage that needs them gets the same sets."""
@@ -291,10 +324,11 @@ def sisa_stage(spec: DataSpec, data: Dataset, st: Setting, device, state: Path, 
 
 
 def forget_stage(spec: DataSpec, data: Dataset, st: Setting, device, state: Path, frac: float,
-                 done: dict[str, dict], variant: str | None = None) -> dict:
+                 done: dict[str, dict], variant: str | None = None, study: str | None = None) -> dict:
     """One forget set: Retrain and every approximate method from the saved original, or (`variant`)
-    one SISA variant's exact forget on a copy of its trained run. Gap and speed-up are added when
-    the stages are merged (`method_table`), against the Retrain row."""
+    one SISA variant's exact forget on a copy of its trained run, or (`study`) one of
+    STUDY_METHODS. Gap and speed-up are added when the stages are merged (`method_table`),
+    against the Retrain row."""
     base = base_task(data, st, spec, device)
     n = len(data.train)
     val, sets = forget_sets(n, len(data.test), st)
@@ -320,7 +354,11 @@ def forget_stage(spec: DataSpec, data: Dataset, st: Setting, device, state: Path
     original.eval()
     val_x = data.test.images[val].to(device)
     val_acc_orig = (logits_of(original, val_x).argmax(-1) == data.test.labels[val]).float().mean().item()
+    retrain_file = state / f"{_stem(spec)}-retrain-{frac}.pt"  # the Distill stage's second teacher
+    if study is not None:
+        return study_stage(data, st, task, tune_rows, val, original, val_acc_orig, study, retrain_file)
     model, secs = timed(retrain.unlearn, task, st.epochs, st.lr, seed=st.seed)
+    torch.save(model.state_dict(), retrain_file)
     rows["Retrain"] = {**monolithic_metrics(model, data, task, val), "seconds": secs}
     for label, (fn, grid) in APPROXIMATE.items():
         grid = grid[: st.grid_limit] if st.grid_limit else grid
@@ -330,20 +368,76 @@ def forget_stage(spec: DataSpec, data: Dataset, st: Setting, device, state: Path
     return {"forget_size": len(forget), "methods": rows}
 
 
+def study_stage(data: Dataset, st: Setting, task: Task, tune_rows: torch.Tensor, val: torch.Tensor, original,
+                val_acc_orig: float, study: str, retrain_file: Path) -> dict:
+    """One of STUDY_METHODS on one forget set, tuned like the others; Distill also reports what its
+    student inherits from the teacher (`distill_knowledge`)."""
+    label, fn, grid = STUDY_METHODS[study]
+    limit = st.study_grid_limit or st.grid_limit
+    grid = grid[:limit] if limit else grid
+    hp, tried = tune(label, fn, grid, original, task, tune_rows, data, val, val_acc_orig)
+    model, secs = timed(fn, original, task, **hp)
+    out = {"forget_size": len(task.forget),
+           "methods": {label: {**monolithic_metrics(model, data, task, val), "seconds": secs, "hp": hp, "grid": tried}}}
+    if study == "distill":
+        retrained = new_model(task, st.seed)
+        retrained.load_state_dict(torch.load(retrain_file, weights_only=True))
+        out["distill_knowledge"] = distill_knowledge(data, task, val, original, retrained.eval(), model, hp)
+    return out
+
+
+def distill_knowledge(data: Dataset, task: Task, val: torch.Tensor, original, retrained, student, hp: dict) -> dict:
+    """How much of the forget set a distilled student still knows through its teacher's retain-set
+    logits: the Distill row's student (taught by the Original) against the same recipe and seed
+    taught by Retrain, which never saw the forget set. Both students see the same retain rows;
+    the difference between them on the forget set is what leaks through the teacher."""
+    def summary(model) -> dict:
+        out = monolithic_metrics(model, data, task, val)
+        probs = logits_of(model, task.images[task.forget]).softmax(-1)
+        out["forget_true_class_prob"] = probs.gather(1, task.labels[task.forget].cpu()[:, None]).mean().item()
+        return out
+    return {"hp": hp, "Original": summary(original), "Retrain": summary(retrained),
+            "student of Original": summary(student),
+            "student of Retrain": summary(distill.unlearn(retrained, task, **hp))}
+
+
+def relearning_stage(spec: DataSpec, data: Dataset, st: Setting, device, state: Path, key: str) -> dict:
+    """One curve of the relearning study (RELEARNING) on the first forget set."""
+    label, fn, hp = RELEARNING[key]
+    base = base_task(data, st, spec, device)
+    val, sets = forget_sets(len(data.train), len(data.test), st)
+    forget = torch.from_numpy(sets[st.fractions[0]][0]).to(device)
+    task = replace(base, forget=forget, retain=_complement(base, forget))
+    test = replace(base, images=data.test.images[~val].to(device), labels=data.test.labels[~val].to(device),
+                   retain=torch.arange(int((~val).sum()), device=device))
+    original = new_model(base, st.seed)
+    original.load_state_dict(torch.load(state / f"{_stem(spec)}-original.pt", weights_only=True))
+    history: list = []
+    _, secs = timed(fn, original.eval(), task, **hp, history=history,
+                    eval_fn=lambda m: {"test_acc": task_accuracy(m, test, test.retain)})
+    low = min(history, key=lambda h: h["forget_acc"])
+    return {"label": label, "fraction": st.fractions[0], "hp": hp, "history": history, "seconds": secs,
+            "lowest_forget_acc": low["forget_acc"], "lowest_at_epoch": low["epoch"],
+            "final_forget_acc": history[-1]["forget_acc"], "rebound": history[-1]["forget_acc"] - low["forget_acc"],
+            "final_retain_acc": history[-1]["retain_acc"], "final_test_acc": history[-1]["test_acc"]}
+
+
 def method_table(done: dict[str, dict], st: Setting) -> dict:
     """The method table of one data set, merged from its stages' results."""
     variants = {label: done[key] for key, (label, _) in SISA_VARIANTS.items()}
     fractions = {}
     for frac in st.fractions:
-        parts = [done[f"forget-{frac}"], *(done[f"forget-{frac}-{key}"] for key in SISA_VARIANTS)]
+        parts = [done[f"forget-{frac}"], *(done[f"forget-{frac}-{key}"] for key in (*STUDY_METHODS, *SISA_VARIANTS))]
         rows = {k: v for part in parts for k, v in part["methods"].items()}
         for r in rows.values():
             r["gap_to_retrain"] = metrics.gap(r, rows["Retrain"])
             r["speedup"] = rows["Retrain"]["seconds"] / r["seconds"]
-        fractions[str(frac)] = {"forget_size": parts[0]["forget_size"], "methods": rows}
+        fractions[str(frac)] = {"forget_size": parts[0]["forget_size"], "methods": rows,
+                                "distill_knowledge": done[f"forget-{frac}-distill"]["distill_knowledge"]}
     return {"original": done["original"], "sisa_config": variants["SISA"]["config"],
             "sisa_train_seconds": variants["SISA"]["train_seconds"], "sisa_variants": variants,
-            "fractions": fractions}
+            "fractions": fractions, "relearning": {done[f"relearning-{k}"]["label"]: done[f"relearning-{k}"]
+                                                   for k in RELEARNING}}
 
 
 def _stem(spec: DataSpec) -> str:
@@ -522,8 +616,10 @@ def stage_names(st: Setting) -> list[str]:
     and SISA stages before it). Each finishes in minutes on one H100 in the full mode."""
     names = []
     for ds in st.datasets:
+        suffixes = ("", *(f"-{k}" for k in (*STUDY_METHODS, *SISA_VARIANTS)))
         names += [f"{ds}:original", *(f"{ds}:{key}" for key in SISA_VARIANTS),
-                  *(f"{ds}:forget-{frac}{suffix}" for frac in st.fractions for suffix in ("", *(f"-{k}" for k in SISA_VARIANTS))),
+                  *(f"{ds}:forget-{frac}{suffix}" for frac in st.fractions for suffix in suffixes),
+                  *(f"{ds}:relearning-{key}" for key in RELEARNING),
                   f"{ds}:cost_curve", f"{ds}:accuracy_vs_shards", f"{ds}:accuracy_vs_shards_steps"]
     return names + ["deltagrad"]
 
@@ -542,10 +638,13 @@ def run_stage(name: str, st: Setting, args, device, state: Path) -> dict:
         data = spec.load()
         n = len(data.train)
         mine = {k.split(":", 1)[1]: v["part"] for k, v in done.items() if k.startswith(f"{ds}:")}
-        if part.startswith("forget-"):
+        if part.startswith(("forget-", "relearning-")):
             variant = next((k for k in SISA_VARIANTS if part.endswith(f"-{k}")), None)
             missing = [f"{ds}:{k}" for k in ("original",) if k not in mine and variant is None]
             missing += [f"{ds}:{variant}"] if variant is not None and variant not in mine else []
+            if part.endswith("-distill"):  # its second teacher is the forget stage's Retrain
+                first = part[: -len("-distill")]
+                missing += [f"{ds}:{first}"] if first not in mine else []
             if missing:
                 raise SystemExit(f"stage {name} needs {', '.join(missing)} first (--stage remaining runs all in order)")
         result = {
@@ -559,6 +658,11 @@ def run_stage(name: str, st: Setting, args, device, state: Path) -> dict:
             **{f"forget-{frac}-{key}": (lambda frac=frac, key=key: forget_stage(spec, data, st, device, state, frac,
                                                                                  mine, key))
                for frac in st.fractions for key in SISA_VARIANTS},
+            **{f"forget-{frac}-{key}": (lambda frac=frac, key=key: forget_stage(spec, data, st, device, state, frac,
+                                                                                 mine, study=key))
+               for frac in st.fractions for key in STUDY_METHODS},
+            **{f"relearning-{key}": (lambda key=key: relearning_stage(spec, data, st, device, state, key))
+               for key in RELEARNING},
         }[part]()
         result = {"train_samples": n, "test_samples": len(data.test), "chance": 100 / len(data.class_names),
                   "part": result}

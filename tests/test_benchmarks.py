@@ -21,10 +21,12 @@ def test_unlearning_benchmark_smoke(tmp_path):
     assert early.returncode != 0 and "needs digits:sisa first" in early.stderr
     first = bench("--stage", "digits:original")
     assert first.returncode == 0, first.stderr[-3000:]
-    assert "1 of 10 stages done; to do: digits:sisa," in first.stdout
+    assert "1 of 18 stages done; to do: digits:sisa," in first.stdout
     assert not (tmp_path / "unlearning_smoke.json").exists()  # nothing written until every stage is done
     listed = bench("--list-stages").stdout.splitlines()
-    assert listed[0] == "digits:original\tdone" and listed[-1] == "deltagrad\tto do" and len(listed) == 10
+    assert listed[0] == "digits:original\tdone" and listed[-1] == "deltagrad\tto do" and len(listed) == 18
+    distill_first = bench("--stage", "digits:forget-0.1-distill")  # needs the Retrain of its forget stage
+    assert distill_first.returncode != 0 and "needs digits:forget-0.1 first" in distill_first.stderr
     proc = bench("--stage", "remaining")
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads((tmp_path / "unlearning_smoke.json").read_text())
@@ -33,8 +35,20 @@ def test_unlearning_benchmark_smoke(tmp_path):
     assert res["stages"]["digits:original"]["environment"]["command"].endswith("--stage digits:original")
     digits = res["datasets"]["digits"]
     methods = digits["methods"]["fractions"]["0.1"]["methods"]
-    assert list(methods) == ["Retrain", "FT", "GA", "GA (dual)", "NegGrad+", "SCRUB", "SalUn", "SISA",
-                             "SISA (converged)"]
+    assert list(methods) == ["Retrain", "FT", "GA", "GA (dual)", "NegGrad+", "SCRUB", "SalUn", "DM (ascend)",
+                             "DM (descend)", "Fanchuan", "Fanchuan (improved)", "Distill", "SISA", "SISA (converged)"]
+    # each study method's row starts from its source's recipe (smoke: grid cut to that one point)
+    assert methods["DM (ascend)"]["hp"] == {"epochs": 45, "lr": 0.01, "beta": 0.005, "decay_epoch": 20,
+                                            "direction": "ascend"}
+    assert methods["Fanchuan (improved)"]["hp"]["improved"] is True and methods["Fanchuan"]["hp"]["lr_forget"] == 3e-4
+    knows = digits["methods"]["fractions"]["0.1"]["distill_knowledge"]
+    assert knows["student of Original"]["forget_acc"] == methods["Distill"]["forget_acc"]
+    assert knows["Retrain"]["forget_acc"] == methods["Retrain"]["forget_acc"]  # the forget stage's Retrain, reloaded
+    relearning = digits["methods"]["relearning"]
+    assert list(relearning) == ["GA (dual)", "DM (ascend)", "DM (descend)"]
+    for label, c in relearning.items():
+        assert [h["epoch"] for h in c["history"]] == list(range(1, 46)), label
+        assert {"forget_acc", "retain_acc", "test_acc"} <= c["history"][0].keys()
     for name, row in methods.items():
         assert {"forget_acc", "retain_acc", "test_acc", "mia_kit", "mia_efficacy", "gap_to_retrain",
                 "seconds", "speedup"} <= row.keys(), name
@@ -52,11 +66,12 @@ def test_unlearning_benchmark_smoke(tmp_path):
     if "skipped" not in res["deltagrad"]:  # MNIST lives in ../shared/datasets
         assert {r["model"] for r in res["deltagrad"]["rows"]} == {"logreg", "mlp"}
     md = (tmp_path / "unlearning_smoke.md").read_text()
-    assert "| SISA |" in md and "gap to Retrain" in md and "train/test gap" in md
+    assert "| SISA |" in md and "gap to Retrain" in md and "train/test gap" in md and "| Distill |" in md
+    assert "| student of Retrain |" in md and "Does relearning undo the forgetting?" in md
     assert "view (a): equal sample-epochs" in md and "view (b): equal optimiser steps" in md
     if not original["memorised"]:  # one epoch on 120 samples: the report must say so loudly
         assert "does NOT memorise" in md
-    for png in ("methods", "cost", "shards"):
+    for png in ("methods", "cost", "shards", "relearning"):
         assert (tmp_path / f"unlearning_smoke_digits_{png}.png").stat().st_size > 1000
 
 
