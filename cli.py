@@ -590,7 +590,10 @@ def status(run_dir: RunDir = Path("sisa-run"), as_json: JsonOut = False):
              + ("complete" if st["complete"] else f"incomplete (shards {sorted(st['stale_shards'])}: "
                 + (f"`{st['writer']['command']}` (pid {st['writer']['pid']}) is working on them)" if st["writer"]
                    else f"run `{_resume_command(st)}`)"))
-             + f"\nrequests: {st['requests']['total']}, {st['requests']['unfinished']} unfinished")
+             + f"\nrequests: {st['requests']['total']}, {st['requests']['unfinished']} unfinished"
+             + "".join(f"\nimage cache ({split}): {c['file']}, {' x '.join(map(str, c['shape']))} uint8, "
+                       f"{c['bytes'] / 1e6:,.1f} MB, decoded in {c['decode_seconds']:.1f} s on {c['workers']} processes"
+                       for split, c in st["image_cache"].items()))
     emit(as_json, st, human)
 
 

@@ -65,6 +65,31 @@ def sample_hash(label: int, pixels: np.ndarray) -> str:
     return hashlib.sha256(int(label).to_bytes(4, "little") + np.ascontiguousarray(pixels).tobytes()).hexdigest()
 
 
+def hash_rows(images: np.ndarray, labels, rows, block: int = 1024) -> dict[int, str]:
+    """{row: sample_hash} for some rows of (N, C, H, W) images (a memory-mapped cache, in any
+    layout): gathered a block at a time into one C-ordered copy, so a memory map's pages are
+    read in row order and each hash reads its bytes in place. Blocks go to a thread per core:
+    numpy's copy and sha256 both release the GIL."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    rows = sorted(rows)
+
+    def run(part: list[int]) -> list[tuple[int, str]]:
+        pixels = np.ascontiguousarray(images[part])
+        out = []
+        for r, px in zip(part, pixels):
+            h = hashlib.sha256(int(labels[r]).to_bytes(4, "little"))
+            h.update(px)
+            out.append((r, h.hexdigest()))
+        return out
+
+    parts = [rows[s:s + block] for s in range(0, len(rows), block)]
+    if len(parts) <= 1:
+        return dict(run(parts[0])) if parts else {}
+    with ThreadPoolExecutor(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()) as pool:
+        return {r: h for done in pool.map(run, parts) for r, h in done}
+
+
 @dataclass
 class Dataset:
     name: str

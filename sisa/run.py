@@ -2,6 +2,7 @@
 
     <run>/index.sqlite        the index (store.index): config, samples, live checkpoints, requests
     <run>/checkpoints/*.pt    content-addressed checkpoint files, one per (shard, slice)
+    <run>/images-*.npy        a run made from image files: them decoded once (sisa.imagecache)
     <run>/.lock               held by the one command that may write the run
 
 Training and forgetting are the same operation, `complete()`: for every shard, find the first
@@ -515,7 +516,7 @@ class Run:
 
     def _check_data(self, data: Dataset, jobs: list[ShardJob]) -> None:
         """Retraining must see the very data the run was created with, minus deletions."""
-        from .data import sample_hash
+        from .data import hash_rows
 
         needed = {x for job in jobs for ids in job.slice_ids for x in ids}
         present = {sid: r for r, sid in enumerate(data.train.ids) if sid in needed}
@@ -526,9 +527,8 @@ class Run:
         recorded = {}
         for job in jobs:
             recorded.update(self.index.content_hashes(job.shard))
-        images, labels = data.train.images, data.train.labels
         # Only the rows the jobs read are hashed: from the image cache, only their pages are read.
-        hashes = {r: sample_hash(labels[r], images[r].numpy()) for r in sorted(present.values())}
+        hashes = hash_rows(data.train.images.numpy(), data.train.labels.tolist(), present.values())
         # A hash gone since the jobs were planned is a deletion journaled meanwhile, not changed data:
         # that job trains on what it was planned with, and its shard is retrained again after.
         changed = [sid for sid, r in present.items() if recorded[sid] is not None and hashes[r] != recorded[sid]]
@@ -731,6 +731,10 @@ class Run:
             "complete": not stale,
             "stale_shards": {j.shard: j.start for j in stale},
             "requests": {"total": len(requests), "unfinished": sum(r.status != DONE for r in requests)},
+            "image_cache": {c.split: {"file": c.file, "shape": [c.rows, c.channels, c.height, c.width],
+                                      "bytes": c.rows * c.channels * c.height * c.width,
+                                      "decode_seconds": round(c.decode_seconds, 3), "workers": c.workers}
+                            for c in caches(self.index).values()},
         }
 
     def close(self) -> None:

@@ -151,13 +151,21 @@ def open_rows(run_dir: Path, cache: ImageCache, writable: bool = False) -> np.nd
     return arr
 
 
-def sources(index: Index, split: str) -> list[tuple[int, str, str, int | None, int | None, str | None]]:
-    """(row, id, path, size, mtime_ns, sha256) of every row of a split, in row order."""
+def sources(index: Index, split: str, rows: Iterable[int] | None = None
+            ) -> list[tuple[int, str, str, int | None, int | None, str | None]]:
+    """(row, id, path, size, mtime_ns, sha256) of the given rows of a split (or all), in row order."""
+    sql = "SELECT row, id, path, size, mtime_ns, sha256 FROM image_rows WHERE split = ?"
     with index.transaction() as s:
         cursor = s.connection().connection.cursor()  # plain rows: 100,000 ORM objects cost seconds
         try:
-            return cursor.execute("SELECT row, id, path, size, mtime_ns, sha256 FROM image_rows WHERE split = ? "
-                                  "ORDER BY row", (split,)).fetchall()
+            if rows is None:
+                return cursor.execute(sql + " ORDER BY row", (split,)).fetchall()
+            rows, out = sorted(rows), []
+            for start in range(0, len(rows), 30_000):  # below SQLite's bound-parameter limit
+                part = rows[start:start + 30_000]
+                out += cursor.execute(sql + f" AND row IN ({', '.join('?' * len(part))}) ORDER BY row",
+                                      (split, *part)).fetchall()
+            return out
         finally:
             cursor.close()
 

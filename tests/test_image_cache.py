@@ -177,6 +177,15 @@ def test_cache_is_made_then_read_instead_of_the_files(run_dir, monkeypatch):
     assert invoke("audit", "--run-dir", run_dir).exit_code == 0
 
 
+def test_status_shows_the_cache_and_a_missing_cache_is_one_line(run_dir):
+    status = invoke("status", "--run-dir", run_dir)
+    assert "image cache (train): images-train.npy, 24 x 3 x 8 x 8 uint8" in status.stdout
+    (run_dir / "images-test.npy").unlink()
+    one_line_error(invoke("evaluate", "--run-dir", run_dir), 1, "images-test.npy is missing")
+    failed = invoke("audit", "--run-dir", run_dir)
+    assert failed.exit_code == 1 and "images-test.npy" in failed.output
+
+
 def _ids_csv(folder: Path, ids: list[str]) -> Path:
     path = folder / "ids.csv"
     path.write_text("id\n" + "\n".join(ids) + "\n")
@@ -295,3 +304,21 @@ def test_pretrain_takes_image_size(tmp_path):
     import json
 
     assert json.loads(result.stdout)["config"]["resize"] == [6, 6]
+
+
+def test_benchmark_smoke(tmp_path):
+    """benchmarks/image_cache.py end to end on 200 tiny images: every number and the targets recorded."""
+    import json
+
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.image_cache", "--smoke", "--work", str(tmp_path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    res = json.loads((tmp_path / "results" / "image_cache_smoke.json").read_text())
+    assert res["environment"]["command"].startswith("python -m benchmarks.image_cache --smoke")
+    assert res["n"] == 200 and res["decode_workers"] >= 1 and res["cache_bytes"] >= 200 * 3 * 16 * 16
+    for key in ("sequential_decode_s", "parallel_decode_s", "reopen_s", "read_shard_s"):
+        assert res[key] > 0, key
+    assert res["forget"]["rows_checked"] > 0 and set(res["targets"]) == {
+        "speedup >= 1.8", "reopen < 1 s", "forget data loading < 1 s"}
+    assert "load_avg_before" in res["environment"]
+    assert "| today's sequential decode" in (tmp_path / "results" / "image_cache_smoke.md").read_text()
