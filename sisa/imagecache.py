@@ -88,6 +88,8 @@ class _Done:
     colour: bool = False
     gray: bool = False  # some gray image was written as RGB
     error: tuple[int, str] | None = None  # (row, message) of the chunk's first bad row
+    pid: int = 0  # the process that decoded it, and the CPU seconds it spent (benchmarks/image_cache.py)
+    cpu: float = 0.0
 
 
 def _where(where: tuple[str, str], row: int) -> str:
@@ -109,9 +111,10 @@ def _read(path: str, where: str) -> tuple[bytes, os.stat_result]:
 
 def _decode_chunk(chunk: _Chunk) -> _Done:
     """Decode a chunk's files into its rows of the memory-mapped output (in a worker process)."""
+    cpu = time.process_time()
     raw = np.load(chunk.out, mmap_mode="r+")  # the file's own order: a colour row is one block copy
     out = raw.transpose(0, 3, 1, 2) if chunk.layout == "nhwc" else raw
-    done = _Done(chunk.start)
+    done = _Done(chunk.start, pid=os.getpid())
     try:
         for k, (path, label, name) in enumerate(zip(chunk.files, chunk.labels, chunk.names)):
             row = chunk.start + k
@@ -142,6 +145,7 @@ def _decode_chunk(chunk: _Chunk) -> _Done:
         return done
     finally:
         del out, raw
+        done.cpu = time.process_time() - cpu
 
 
 @dataclass
@@ -153,13 +157,14 @@ class DecodedSplit:
     content_sha256: str
     seconds: float
     workers: int
+    worker_cpu: dict[int, float] = field(default_factory=dict)  # CPU seconds of each decoding process
 
 
-def decode_into(folder: Path, split: str, source: Path, kind: str, files: Sequence[Path], ids: Sequence[str],
+def decode_into(folder: Path, split: str, source: Path, kind: str, files: Sequence[str], ids: Sequence[str],
                 labels: Sequence[int], names: Sequence[str], channels: int | None, size: tuple[int, int] | None,
                 workers: int | None = None, chunk_rows: int | None = None) -> DecodedSplit:
-    """Decode `files` into <folder>/images-<split>.npy (atomically) and return it with what the
-    index records. `kind`: "manifest" (the first image decides the channels) or "folder" (RGB if
+    """Decode `files` (absolute paths) into <folder>/images-<split>.npy (atomically) and return it
+    with what the index records. `kind`: "manifest" (the first image decides the channels) or "folder" (RGB if
     any image is in colour); `channels` and `size`, when given, are a training split's."""
     start_time = time.perf_counter()
     workers = workers or decode_workers()
@@ -175,14 +180,14 @@ def decode_into(folder: Path, split: str, source: Path, kind: str, files: Sequen
     layout = "nhwc" if alloc == 3 else "nchw"
     tmp = allocate(folder, split, (n, alloc, *first.shape[1:]), layout)
     per = chunk_rows or max(16, min(512, -(-n // (workers * 8))))
-    chunks = [_Chunk(str(tmp), layout, s, [str(f) for f in files[s:s + per]], list(labels[s:s + per]), list(names[s:s + per]),
+    chunks = [_Chunk(str(tmp), layout, s, list(files[s:s + per]), list(labels[s:s + per]), list(names[s:s + per]),
                      where, str(source), mode, size, tuple(first.shape[1:]), first_name) for s in range(0, n, per)]
     try:
         if workers == 1 or len(chunks) == 1:
             results = [_decode_chunk(c) for c in chunks]
         else:
-            # fork: the workers need no import (torch takes seconds to import); they run only
-            # Pillow and numpy, never torch, so the parent's threads are no hazard.
+            # fork: the workers need no import (torch takes seconds to import); they run only numpy
+            # and Pillow (imported here already, by the first image), never torch's threads.
             ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
             with ProcessPoolExecutor(min(workers, len(chunks)), mp_context=ctx) as pool:
                 results = list(pool.map(_decode_chunk, chunks))
@@ -200,12 +205,13 @@ def decode_into(folder: Path, split: str, source: Path, kind: str, files: Sequen
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    # abspath, not resolve(): a symlink's own path is what the user named, and resolving costs
-    # several lstat calls a file (seconds at 100,000 files)
-    records = [SourceRecord(i, int(y), os.path.abspath(f), sz, mt, sha)
-               for i, y, f, (sz, mt, sha) in zip(ids, labels, files, stats)]
+    records = [SourceRecord(i, int(y), f, sz, mt, sha) for i, y, f, (sz, mt, sha) in zip(ids, labels, files, stats)]
+    worker_cpu: dict[int, float] = {}
+    for r in results:
+        worker_cpu[r.pid] = worker_cpu.get(r.pid, 0.0) + r.cpu
     return DecodedSplit(view(final, layout), layout, hashes, records,
-                        hashlib.sha256("".join(hashes).encode()).hexdigest(), time.perf_counter() - start_time, workers)
+                        hashlib.sha256("".join(hashes).encode()).hexdigest(), time.perf_counter() - start_time, workers,
+                        worker_cpu)
 
 
 def _relayout(folder: Path, split: str, tmp: Path, layout: str, channels: int, rows: int = 4096) -> Path:
@@ -232,14 +238,14 @@ def decode_dataset(name: str, folder: Path, test: Path | str | None = None, size
     if name.endswith(".csv"):
         path = Path(name)
         ids, names, labels, owners, classes = read_manifest(path)
-        files = [path.parent / p for p in names]
+        files = _absolute(path.parent, names)
         decoded["train"] = decode_into(folder, "train", path, "manifest", files, ids, labels, names, None, size, workers,
                                        chunk_rows)
     else:
         root = Path(name)
         ids, labels, classes = list_folder(root)
         owners = _folder_owners(root, ids)  # checked before the long part
-        files = [root / i for i in ids]
+        files = _absolute(root, ids)
         decoded["train"] = decode_into(folder, "train", root, "folder", files, ids, labels, ids, None, size, workers,
                                        chunk_rows)
     sources_of["train"] = str(Path(name).resolve())
@@ -251,10 +257,10 @@ def decode_dataset(name: str, folder: Path, test: Path | str | None = None, size
         channels, hw = images.shape[1], tuple(images.shape[2:])  # the test split follows training's
         if test_path.is_dir():
             t_ids, t_labels, _ = list_folder(test_path, classes)
-            t_files, t_names, kind = [test_path / i for i in t_ids], t_ids, "folder"
+            t_files, t_names, kind = _absolute(test_path, t_ids), t_ids, "folder"
         elif test_path.suffix == ".csv" or test_path.is_file():
             t_ids, t_names, t_labels, _, _ = read_manifest(test_path, classes)
-            t_files, kind = [test_path.parent / p for p in t_names], "manifest"
+            t_files, kind = _absolute(test_path.parent, t_names), "manifest"
         else:
             raise UsageError(f"test split not found: {test_path}")
         decoded["test"] = decode_into(folder, "test", test_path, kind, t_files, t_ids, t_labels, t_names,
@@ -263,6 +269,14 @@ def decode_dataset(name: str, folder: Path, test: Path | str | None = None, size
         test_split = Split(list(t_ids), torch.from_numpy(decoded["test"].images),
                            torch.tensor(t_labels, dtype=torch.int64), [None] * len(t_ids))
     return Dataset(name, train, test_split, classes), decoded, sources_of
+
+
+def _absolute(base: Path, names: Sequence[str]) -> list[str]:
+    """Each name joined to `base`, made absolute once (the index records absolute paths, which
+    later commands may use from anywhere): not resolve() per file, whose lstat calls cost seconds
+    at 100,000 files, and a symlink's own path is what the user named."""
+    base = os.path.abspath(base)
+    return [os.path.join(base, n) for n in names]
 
 
 # --- opening, checking, zeroing -------------------------------------------------------------------
