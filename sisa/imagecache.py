@@ -27,7 +27,7 @@ import hashlib
 import multiprocessing
 import os
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,8 +40,8 @@ from store.images import (ImageCache, SourceRecord, allocate, caches, commit, ma
                           split_rows, view, zero_rows)
 from store.index import Index
 
-from .data import (BUILTINS, Dataset, Split, _decode, _size_error, is_folder, list_folder, _folder_owners,
-                   read_manifest, sample_hash)
+from .data import (BUILTINS, Dataset, Split, _decode, _folder_owners, _size_error, hash_rows, is_folder,
+                   list_folder, read_manifest, sample_hash)
 from .errors import IntegrityError, SisaError, UsageError
 
 MODES = {1: "L", 3: "RGB"}
@@ -353,9 +353,9 @@ def find_problems(run_dir: Path, index: Index) -> list[str]:
             problems.append(str(e))
             continue
         if split == "test":
-            ids, labels = split_rows(index, "test")
-            hashes = [sample_hash(y, images[r]) for r, y in enumerate(labels)]
-            if hashlib.sha256("".join(hashes).encode()).hexdigest() != cache.content_sha256:
+            _, labels = split_rows(index, "test")
+            hashes = hash_rows(images, labels, range(len(labels)))
+            if hashlib.sha256("".join(hashes[r] for r in range(len(labels))).encode()).hexdigest() != cache.content_sha256:
                 problems.append(f"the image cache {cache.file} does not match its content hash: recreate the run")
             active = None
         else:
@@ -370,7 +370,9 @@ def find_problems(run_dir: Path, index: Index) -> list[str]:
                                             "AND row < ? ORDER BY row", (cache.rows,)).fetchall()
                 finally:
                     cursor.close()
-            bad = [sid for r, sid, y, h in active if sample_hash(y, images[r]) != h]
+            labels = {r: y for r, _, y, _ in active}
+            hashes = hash_rows(images, labels, labels)
+            bad = [sid for r, sid, _, h in active if hashes[r] != h]
             if bad:
                 problems.append(f"the image cache's rows of {len(bad)} retained samples differ from their content "
                                 f"hashes, e.g. {bad[0]!r}: recreate the run")
@@ -394,8 +396,3 @@ def zero_deleted(run_dir: Path, index: Index) -> int:
     zero_rows(run_dir, cache, dirty)
     mark_zeroed(index, dirty)
     return len(dirty)
-
-
-def notify_decoding(notify: Callable[[str], None] | None, n: int) -> None:
-    if notify:
-        notify(f"decoding {n} images on {decode_workers()} processes into the run's image cache ...")

@@ -320,5 +320,6 @@ def test_benchmark_smoke(tmp_path):
         assert res[key] > 0, key
     assert res["forget"]["rows_checked"] > 0 and set(res["targets"]) == {
         "speedup >= 1.8", "reopen < 1 s", "forget data loading < 1 s"}
-    assert "load_avg_before" in res["environment"]
+    assert "load_avg_before" in res["environment"] and res["environment"]["session_cpu_share"]["1"] > 0
+    assert res["projected_speedup_idle_cores"] > 0 and res["decoders"]["1"]["worker_cpu_s"]
     assert "| today's sequential decode" in (tmp_path / "results" / "image_cache_smoke.md").read_text()
