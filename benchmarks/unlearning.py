@@ -1,6 +1,6 @@
 """SISA against retraining and approximate unlearning, following ../shared/BENCHMARKS.md.
 
-    python -m benchmarks.unlearning --quick      # digits on a 2-core CPU, under 20 minutes
+    python -m benchmarks.unlearning --quick      # digits on a 2-core CPU, about 30 CPU-minutes
     python -m benchmarks.unlearning              # Fashion-MNIST and MNIST on one GPU
     python -m benchmarks.unlearning --smoke      # seconds; only checks the pipeline (tests use it)
 
@@ -700,7 +700,7 @@ def merge(st: Setting, state: Path) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     mode = ap.add_mutually_exclusive_group()
-    mode.add_argument("--quick", action="store_true", help="digits on a CPU, under 20 minutes")
+    mode.add_argument("--quick", action="store_true", help="digits on a CPU, about 30 CPU-minutes")
     mode.add_argument("--smoke", action="store_true", help="tiny: checks the pipeline in seconds")
     ap.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "datasets"))
     ap.add_argument("--device", default="auto")
