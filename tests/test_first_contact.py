@@ -137,7 +137,8 @@ def test_training_reports_loading_images_rate_and_time_left(tmp_path, digits_man
                "--batch-size", 64, "--device", "cpu", "--run-dir", tmp_path / "run")
     assert r.exit_code == 0, r.output
     seen = terminal.getvalue()
-    assert f"loading {digits_manifest[0]} ..." in seen, "a note while the data loads"
+    # a manifest's images are decoded once, into the run's cache, while the run is created
+    assert f"decoding {digits_manifest[0]} into the run's image cache ..." in seen, "a note while the data loads"
     assert "shard 0 slice 2/2" in seen and "images" in seen and "img/s" in seen and "left" in seen
     monkeypatch.undo()  # stderr a pipe again
     piped = invoke("train", "--dataset", digits_manifest[0], "--run-dir", tmp_path / "run")
