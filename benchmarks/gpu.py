@@ -232,13 +232,24 @@ def stage_sisa(st: Setting, device: torch.device, data_dir: str, work: Path) -> 
                       "single_model_images_per_s": round(len(images) / t_one),
                       "ensemble_over_single_div_S": round((len(images) / t_ens) / (len(images) / t_one / len(ens.models)), 3)}
     run.close()
+
+    # The same training with zero momentum at each slice step: checkpoints of the weights alone.
+    lean, out["sisa_bf16_reset_momentum"] = train_run(work / "lean", config(st, reset_momentum=True), device, data_dir)
+    rep, t = timed(lambda: lean.forget(ids=ids[:1], device=str(device)), device)  # same shard and slice as above
+    lean_ck = lean.index.checkpoints()[(0, st.slices - 1)]
+    out["sisa_bf16_reset_momentum"].update(
+        checkpoint_bytes=(lean.dir / lean_ck.path).stat().st_size, forget_1_seconds=round(t, 2),
+        forget_1_speedup_over_monolithic_retrain=round(mono["seconds"] / t, 2))
+    out["reset_momentum_over_monolithic_per_sample_epoch"] = round(
+        out["sisa_bf16_reset_momentum"]["seconds_per_million_sample_epochs"] / mono["seconds_per_million_sample_epochs"], 3)
+    lean.close()
     return out
 
 
 def checkpoint_write(run: sisa.Run, folder: Path) -> dict:
     """Seconds to write one live checkpoint again (serialise, hash, write, fsync), on this
     machine's disk: SISA writes S x R of them in training, and a forget up to R."""
-    from store.checkpoints import load_checkpoint, save_checkpoint
+    from store.checkpoints import load_checkpoint, save_checkpoint, write_atomic
 
     ck = run.index.checkpoints()[(0, run.config.slices - 1)]
     state = load_checkpoint(run.dir / ck.path, ck.sha256)
@@ -247,7 +258,12 @@ def checkpoint_write(run: sisa.Run, folder: Path) -> dict:
     for i in range(3):
         path, _ = save_checkpoint(state, folder, f"probe{i}")
     seconds = (time.perf_counter() - start) / 3
-    return {"bytes": path.stat().st_size, "seconds": round(seconds, 3),
+    size = path.stat().st_size
+    blob = np.random.default_rng(0).bytes(size)  # the disk alone: as many bytes, written and fsynced
+    start = time.perf_counter()
+    for i in range(3):
+        write_atomic(folder / f"raw{i}", blob)
+    return {"bytes": size, "seconds": round(seconds, 3), "disk_seconds": round((time.perf_counter() - start) / 3, 3),
             "sisa_training_total_seconds": round(seconds * run.config.shards * run.config.slices, 1)}
 
 
@@ -328,8 +344,10 @@ def markdown(res: dict) -> str:
         lines += [f"## SISA (S={r['shards']}, R={r['slices']}) against one monolithic model, {r['dataset']}, "
                   f"{r['epochs']} epochs, batch {r['batch']}, peak lr {r['lr']}", "",
                   "| run | train s | sample-epochs | s per 1M sample-epochs | test acc (vote / mean) |", "|---|---|---|---|---|"]
-        for key, name in (("monolithic_fp32", "monolithic, fp32"), ("monolithic_bf16", "monolithic, bf16"), ("sisa_bf16", "SISA, bf16")):
-            m = s[key]
+        for key, name in (("monolithic_fp32", "monolithic, fp32"), ("monolithic_bf16", "monolithic, bf16"), ("sisa_bf16", "SISA, bf16"),
+                          ("sisa_bf16_reset_momentum", "SISA, bf16, `--reset-momentum`")):
+            if (m := s.get(key)) is None:
+                continue
             lines.append(f"| {name} | {m['seconds']:.1f} | {m['sample_epochs']:,} | {m['seconds_per_million_sample_epochs']:.2f} | "
                          f"{m['accuracy_vote']:.2f}% / {m['accuracy_mean']:.2f}% |")
         lines += ["", f"SISA / monolithic: **{s['sisa_over_monolithic_per_sample_epoch']:.2f}x** per sample-epoch "
@@ -344,7 +362,14 @@ def markdown(res: dict) -> str:
         if c := s.get("checkpoint_write"):
             lines += ["", f"One checkpoint ({c['bytes'] / 1e6:.0f} MB: weights and momentum) takes {c['seconds']:.2f} s to "
                           f"serialise, hash, write and fsync here: {c['sisa_training_total_seconds']:.0f} s for the S x R "
-                          "of a SISA training, written by a background thread while the next slice trains."]
+                          "of a SISA training, written by a background thread while the next slice trains."
+                      + (f" Writing and fsyncing as many random bytes takes {c['disk_seconds']:.2f} s of that." if "disk_seconds" in c else "")]
+        if m := s.get("sisa_bf16_reset_momentum"):
+            lines += ["", f"With `--reset-momentum` (zero momentum at each slice step, checkpoints of "
+                          f"{m['checkpoint_bytes'] / 1e6:.0f} MB: the weights alone): SISA / monolithic "
+                          f"**{s['reset_momentum_over_monolithic_per_sample_epoch']:.2f}x** per sample-epoch; the forget "
+                          f"of the same 1 id {m['forget_1_seconds']:.2f} s ({m['forget_1_speedup_over_monolithic_retrain']:.1f}x "
+                          "over monolithic retraining)."]
         p = s["predict"]
         lines += ["", f"Ensemble prediction: {p['ensemble_images_per_s']:,} img/s over {p['images']:,} images; one "
                       f"constituent alone {p['single_model_images_per_s']:,} img/s; ensemble / (single / S) = "

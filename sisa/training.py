@@ -202,9 +202,10 @@ def _run_shard_job(cfg, job, state, images, labels, device, progress):
     done = 0
     for i in range(job.start, cfg.slices):
         ids = [x for s in job.slice_ids[: i + 1] for x in s]
-        # The optimiser is rebuilt from saved state at every step, exactly as a resume would.
+        # The optimiser is rebuilt from saved state at every step, exactly as a resume would
+        # (with reset_momentum, from nothing: the checkpoint holds the weights alone).
         opt = make_optimizer(cfg, model)
-        if opt_state is not None:
+        if opt_state is not None and not cfg.reset_momentum:
             # load_state_dict keeps the given tensors when device and dtype already match, and
             # training would then mutate the state yielded for the previous slice: pass a copy.
             opt.load_state_dict(_cpu_copy(opt_state) if device.type == "cpu" else opt_state)
@@ -219,7 +220,7 @@ def _run_shard_job(cfg, job, state, images, labels, device, progress):
         elif progress:
             progress(job.shard, i, done, total)
         state = {"model": {k: _cpu_copy(v) for k, v in model.state_dict().items()},
-                 "optimizer": _cpu_copy(opt.state_dict())}
+                 "optimizer": None if cfg.reset_momentum else _cpu_copy(opt.state_dict())}
         opt_state = state["optimizer"]
         yield SliceResult(job.shard, i, state, ids, trained)
 

@@ -1,8 +1,9 @@
 """Checkpoint files: written atomically, verified by sha256 before they are unpickled.
 
-A save serialises to memory, hashes the bytes, writes them to a temp file in the destination
-folder, fsyncs it, renames it over the final name and fsyncs the folder: a crash leaves either
-the old file, or the new one, complete, plus at worst a stray `*.tmp` that `clean_temp` removes.
+A save streams the serialised bytes into a temp file in the destination folder, hashing them on
+the way, fsyncs it, renames it to its final (content-addressed) name and fsyncs the folder: a
+crash leaves either the old file, or the new one, complete, plus at worst a stray `*.tmp` that
+`clean_temp` removes.
 """
 from __future__ import annotations
 
@@ -47,20 +48,47 @@ def write_atomic(path: Path, data: bytes) -> None:
     _fsync_dir(path.parent)
 
 
+class _HashingWriter:
+    """A file that hashes what passes through it: torch.save streams into the temp file and
+    the sha256 comes out of the same pass (no in-memory copy of a ResNet-18's 89 MB)."""
+
+    def __init__(self, f):
+        self.f, self.sha = f, hashlib.sha256()
+
+    def write(self, data) -> int:
+        self.sha.update(data)
+        return self.f.write(data)
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
 def save_checkpoint(state: dict, folder: Path, stem: str) -> tuple[Path, str]:
     """Atomically write `state` (tensors and plain Python values only) to `<stem>-<sha>.pt`.
 
     The name carries the content hash, so a replacement never overwrites the file it replaces:
-    the old one stays valid until the index points elsewhere.
+    the old one stays valid until the index points elsewhere. The bytes are exactly those
+    torch.save writes to memory; serialising, hashing and writing are one pass.
     """
     import torch
 
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    data = buf.getvalue()
-    sha = hashlib.sha256(data).hexdigest()
-    path = Path(folder) / f"{stem}-{sha[:16]}.pt"
-    write_atomic(path, data)
+    folder = Path(folder)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{stem}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, 0o666 & ~_umask())
+        with os.fdopen(fd, "wb") as f:
+            writer = _HashingWriter(f)
+            torch.save(state, writer)
+            f.flush()
+            os.fsync(f.fileno())
+        fault_point("temp-written")
+        sha = writer.sha.hexdigest()
+        path = folder / f"{stem}-{sha[:16]}.pt"
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(folder)
     return path, sha
 
 

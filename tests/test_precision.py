@@ -77,12 +77,12 @@ def test_cli_records_precision_and_determinism(digits_manifest, tmp_path):
     run_dir = tmp_path / "run"
     res = CliRunner().invoke(app, ["train", "--dataset", str(train_csv), "--test-manifest", str(test_csv),
                                    "--shards", "2", "--slices", "1", "--epochs", "1", "--width", "8",
-                                   "--deterministic", "--run-dir", str(run_dir), "--device", "cpu", "--json"])
+                                   "--deterministic", "--reset-momentum", "--run-dir", str(run_dir), "--device", "cpu", "--json"])
     assert res.exit_code == 0, res.output
     status = json.loads(CliRunner().invoke(app, ["status", "--run-dir", str(run_dir), "--json"]).stdout)
-    assert status["config"]["deterministic"] is True
+    assert status["config"]["deterministic"] is True and status["config"]["reset_momentum"] is True
     assert status["config"]["precision"] == "fp32"  # auto on a CPU
-    assert "resnet18, fp32, deterministic, seed 0" in CliRunner().invoke(app, ["status", "--run-dir", str(run_dir)]).stdout
+    assert "resnet18, fp32, deterministic, momentum reset per slice, seed 0" in CliRunner().invoke(app, ["status", "--run-dir", str(run_dir)]).stdout
     res = CliRunner().invoke(app, ["train", "--resume", "--precision", "bf16", "--run-dir", str(run_dir)])
     assert res.exit_code == 2 and "--precision bf16 (the run has fp32)" in res.output
     res = CliRunner().invoke(app, ["train", "--dataset", str(train_csv), "--precision", "fp16",
@@ -91,3 +91,28 @@ def test_cli_records_precision_and_determinism(digits_manifest, tmp_path):
     assert not (tmp_path / "other").exists()
     res = CliRunner().invoke(app, ["audit", "--run-dir", str(run_dir), "--retrain", "1", "--device", "cpu"])
     assert res.exit_code == 0, res.output
+
+
+def test_reset_momentum_starts_each_slice_step_afresh_saves_weights_alone_and_forgets_exactly(digits_manifest, tmp_path):
+    train_csv, test_csv = digits_manifest
+    base = small_config(train_csv, shards=2, slices=2, epochs=2)
+    lean_cfg = small_config(train_csv, shards=2, slices=2, epochs=2, reset_momentum=True)
+    assert "reset_momentum" not in base.training_fields() and lean_cfg.config_hash != base.config_hash
+    carry, lean = (sisa.train(tmp_path / name, cfg, test_manifest=test_csv) for name, cfg in
+                   (("carry", base), ("lean", lean_cfg)))
+
+    def state(run, slc):
+        ck = run.index.checkpoints()[(0, slc)]
+        return load_checkpoint(run.dir / ck.path, ck.sha256)
+
+    # Slice 0 starts from nothing either way; slice 1 is where carried momentum would act.
+    assert state(lean, 0)["optimizer"] is None and state(carry, 0)["optimizer"] is not None
+    assert all(torch.equal(v, state(carry, 0)["model"][k]) for k, v in state(lean, 0)["model"].items())
+    assert not torch.equal(state(lean, 1)["model"]["conv1.weight"], state(carry, 1)["model"]["conv1.weight"])
+    assert (lean.dir / lean.index.checkpoints()[(0, 1)].path).stat().st_size < \
+        0.6 * (carry.dir / carry.index.checkpoints()[(0, 1)].path).stat().st_size
+    carry.close()
+    lean.forget(ids=[lean.retained(0)[1][1][0]])  # shard 0, slice 1: retrained from slice 0's weights alone
+    report = audit(lean, retrain=[0, 1])
+    assert report.ok, report.failures
+    lean.close()

@@ -18,6 +18,18 @@ def test_checkpoint_roundtrip_is_content_addressed(tmp_path):
     assert list(tmp_path.glob(".*.tmp")) == [], "no temp file is left behind"
 
 
+def test_streamed_checkpoint_is_byte_for_byte_torch_save_in_memory(tmp_path):
+    import hashlib
+    import io
+
+    state = {"model": {"w": torch.randn(300, 70), "b": torch.zeros(3)}, "optimizer": {"state": {0: {"m": torch.ones(5)}}},
+             "meta": {"shard": 1, "lineage_sha256": "ab"}}
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    path, sha = save_checkpoint(state, tmp_path, "s")
+    assert path.read_bytes() == buf.getvalue() and sha == hashlib.sha256(buf.getvalue()).hexdigest()
+
+
 def test_corrupt_or_missing_checkpoint_is_refused(tmp_path):
     path, sha = save_checkpoint({"model": {"w": torch.ones(100)}}, tmp_path, "c")
     data = bytearray(path.read_bytes())
