@@ -21,10 +21,10 @@ def test_unlearning_benchmark_smoke(tmp_path):
     assert early.returncode != 0 and "needs digits:sisa first" in early.stderr
     first = bench("--stage", "digits:original")
     assert first.returncode == 0, first.stderr[-3000:]
-    assert "1 of 18 stages done; to do: digits:sisa," in first.stdout
+    assert "1 of 25 stages done; to do: digits:sisa," in first.stdout
     assert not (tmp_path / "unlearning_smoke.json").exists()  # nothing written until every stage is done
     listed = bench("--list-stages").stdout.splitlines()
-    assert listed[0] == "digits:original\tdone" and listed[-1] == "deltagrad\tto do" and len(listed) == 18
+    assert listed[0] == "digits:original\tdone" and listed[-1] == "deltagrad\tto do" and len(listed) == 25
     distill_first = bench("--stage", "digits:forget-0.1-distill")  # needs the Retrain of its forget stage
     assert distill_first.returncode != 0 and "needs digits:forget-0.1 first" in distill_first.stderr
     proc = bench("--stage", "remaining")
@@ -36,11 +36,14 @@ def test_unlearning_benchmark_smoke(tmp_path):
     digits = res["datasets"]["digits"]
     methods = digits["methods"]["fractions"]["0.1"]["methods"]
     assert list(methods) == ["Retrain", "FT", "GA", "GA (dual)", "NegGrad+", "SCRUB", "SalUn", "DM (ascend)",
-                             "DM (descend)", "Fanchuan", "Fanchuan (improved)", "Distill", "SISA", "SISA (converged)"]
+                             "DM (descend)", "Fanchuan", "Fanchuan (improved)", "Distill", "2nd: Kookmin", "4th: Oleszko",
+                             "5th: transposed convs", "5th: pseudo-labels", "6th: Amnesiacs", "7th: Jiaxi Sun",
+                             "8th: Team Forget", "SISA", "SISA (converged)"]
     # each study method's row starts from its source's recipe (smoke: grid cut to that one point)
     assert methods["DM (ascend)"]["hp"] == {"epochs": 45, "lr": 0.01, "beta": 0.005, "decay_epoch": 20,
                                             "direction": "ascend"}
     assert methods["Fanchuan (improved)"]["hp"]["improved"] is True and methods["Fanchuan"]["hp"]["lr_forget"] == 3e-4
+    assert methods["4th: Oleszko"]["hp"]["keep"] == 0.01 and methods["8th: Team Forget"]["hp"]["cycles"] == [1, 2, 2]
     knows = digits["methods"]["fractions"]["0.1"]["distill_knowledge"]
     assert knows["student of Original"]["forget_acc"] == methods["Distill"]["forget_acc"]
     assert knows["Retrain"]["forget_acc"] == methods["Retrain"]["forget_acc"]  # the forget stage's Retrain, reloaded
