@@ -58,7 +58,7 @@ from sisa.config import RunConfig
 
 from . import metrics
 from .common import environment, plain, write_results
-from .report import distill_knowledge_lines, plot_relearning, relearning_lines
+from .report import distill_knowledge_lines, plot_relearning, pyplot, relearning_lines
 from .methods import data_modification, deltagrad, distill, fanchuan, finetune, gradient_ascent, neggrad, salun, scrub
 from .methods.common import Task, logits_of, new_model, train
 from .methods.common import accuracy as task_accuracy
@@ -538,12 +538,7 @@ def render(res: dict) -> str:
 
 def plot(res: dict, table: str, path: Path) -> Path | None:
     """Accuracy cost (test accuracy below Retrain's) against the time one forget takes, per method."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:  # plots are optional: pip install ".[bench]"
+    if (plt := pyplot()) is None:
         return None
     rows = res["tables"][table]["methods"]
     fig, ax = plt.subplots(figsize=(6.4, 4.2))

@@ -48,6 +48,7 @@ from . import backbone_unlearning as bu
 from .common import environment, plain, write_results
 from .methods import certified as cr
 from .methods.common import logits_of, new_model, train
+from .report import pyplot
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -346,12 +347,7 @@ def render(res: dict) -> str:
 
 
 def plot(res: dict, path: Path) -> Path | None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    if (plt := pyplot()) is None:
         return None
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name, s in res["stream"].items():

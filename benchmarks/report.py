@@ -149,13 +149,22 @@ def relearning_lines(curves: dict[str, dict]) -> list[str]:
     return lines
 
 
-def plot_relearning(curves: dict[str, dict], path):
-    """Forget accuracy after every epoch, one line per curve; None without matplotlib."""
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend, or None where matplotlib is missing:
+    plots are optional (pip install ".[bench]"), the JSON and Markdown are not."""
     try:
         import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
     except ImportError:
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_relearning(curves: dict[str, dict], path):
+    """Forget accuracy after every epoch, one line per curve; None without matplotlib."""
+    if (plt := pyplot()) is None:
         return None
     fig, ax = plt.subplots(figsize=(7, 4))
     for name, c in curves.items():
@@ -219,12 +228,7 @@ def shard_tables(res: dict) -> list[str]:
 
 
 def plot(results: dict, out: str, folder=RESULTS) -> list:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:  # plots are optional: pip install ".[bench]"
+    if (plt := pyplot()) is None:
         return []
     folder.mkdir(parents=True, exist_ok=True)
     paths = []

@@ -46,6 +46,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+
 from sisa.partition import derive_seed
 
 from .common import Task, batches, epoch_record, sgd
