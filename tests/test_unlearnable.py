@@ -147,3 +147,12 @@ def test_stages_are_listed_and_parse(capsys):
     out = capsys.readouterr().out
     for stage in ("mnist-cnn", "fashion-mnist-resnet18", "fashion-mnist-backbone"):
         assert stage in out
+
+
+def test_all_noisy_check_runs_each_variant():
+    r = micro()
+    data = ub.load(r, "unused")
+    variants = {"ref": r.noise, "wide": replace(r.noise, epsilon=32 / 255, step_size=3.2 / 255)}
+    out = ub.all_noisy_check(r, data, variants, log=lambda *_: None)
+    assert set(out["variants"]) == {"ref", "wide"}
+    assert out["variants"]["ref"]["noise"]["linf_uint8"] <= 8 < out["variants"]["wide"]["noise"]["linf_uint8"] <= 32
