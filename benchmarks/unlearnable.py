@@ -1,6 +1,7 @@
 """Unlearnable examples (error-minimizing noise) against SISA (issue 19).
 
     python -m benchmarks.unlearnable                       # MNIST, a small CNN, one CPU thread (~40 min)
+    python -m benchmarks.unlearnable --all-noisy           # the paper's check: every row noisy (~6 min)
     python -m benchmarks.unlearnable --smoke               # digits, seconds (the tests' size)
     python -m benchmarks.unlearnable --stage fashion-mnist-resnet18 --data-dir DATA   # GPU stage
     python -m benchmarks.unlearnable --stage fashion-mnist-backbone --data-dir DATA   # GPU stage
