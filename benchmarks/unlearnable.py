@@ -55,6 +55,7 @@ from .common import environment, plain, write_results
 from .methods.common import Task, logits_of, new_model, train
 from .methods.unlearnable import NoiseConfig, error_minimizing_noise
 from .metrics import forgetting_score, mia_efficacy, mia_kit
+from .report import pyplot
 
 ROOT = Path(__file__).resolve().parents[1]
 WORK = ROOT / "benchmarks" / "work"
@@ -571,11 +572,7 @@ def render(res: dict) -> str:
 
 
 def plot(res: dict, path: Path) -> Path | None:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    if (plt := pyplot()) is None:
         return None
     rows = [x for x in res["shares"] if x["share"] > 0]
     p = [100 * x["share"] for x in rows]
