@@ -80,25 +80,32 @@ def schedule(kind: str, lr: float, total: int) -> Callable[[int], float]:
     return lambda t: lr * (t + 1) / warm if t < warm else lr * (total - t) / max(1, total - warm)
 
 
-def train(model: nn.Module, task: Task, rows: torch.Tensor, epochs: int, lr: float, kind: str = "onecycle",
-          seed: int = 0) -> nn.Module:
-    """Plain supervised training on `rows` (used by the original model, Retrain and Fine-tune)."""
-    gen = torch.Generator().manual_seed(derive_seed(seed, "monolithic-train"))
+def fit(model: nn.Module, task: Task, rows: torch.Tensor, epochs: int, lr: float, gen: torch.Generator,
+        loss_of: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], kind: str = "onecycle") -> nn.Module:
+    """`epochs` passes over `rows` (augmented batches from `gen`) minimising `loss_of(x, y)`, the
+    lr on `kind`'s schedule (see `schedule`); train mode while it runs, eval mode after."""
     opt = sgd(model, lr)
     per_epoch = max(1, math.ceil(len(rows) / task.batch_size))
-    lr_at = schedule(kind, lr, epochs * per_epoch)
+    lr_at = schedule(kind, lr, max(1, epochs * per_epoch))
     model.train()
     step = 0
     for _ in range(epochs):
         for x, y in batches(task, rows, gen):
             for g in opt.param_groups:
                 g["lr"] = lr_at(step)
-            loss = F.cross_entropy(model(x), y)
+            loss = loss_of(x, y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             step += 1
     return model.eval()
+
+
+def train(model: nn.Module, task: Task, rows: torch.Tensor, epochs: int, lr: float, kind: str = "onecycle",
+          seed: int = 0) -> nn.Module:
+    """Plain supervised training on `rows` (used by the original model, Retrain and Fine-tune)."""
+    gen = torch.Generator().manual_seed(derive_seed(seed, "monolithic-train"))
+    return fit(model, task, rows, epochs, lr, gen, lambda x, y: F.cross_entropy(model(x), y), kind)
 
 
 def accuracy(model: nn.Module, task: Task, rows: torch.Tensor) -> float:

@@ -60,7 +60,7 @@ from torch import nn
 
 from sisa.partition import derive_seed
 
-from .common import Task, batches, schedule, sgd
+from .common import Task, batches, fit, sgd
 
 # Each grid's first point is the source's recipe where the description gives one (epochs scaled
 # to our data: the competition models trained 30 epochs, ours 20-30), the second a larger step.
@@ -108,24 +108,8 @@ def _first_and_last(model: nn.Module) -> tuple[nn.Module, nn.Module]:
 
 def _fit(model: nn.Module, task: Task, epochs: int, lr: float, gen: torch.Generator,
          loss_of: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], rows: torch.Tensor | None = None) -> nn.Module:
-    """`epochs` passes over `rows` (default: the retain set) minimising `loss_of(x, y)`, with a
-    cosine decay of the lr to 0; the model in train mode."""
-    rows = task.retain if rows is None else rows
-    per_epoch = max(1, math.ceil(len(rows) / task.batch_size))
-    opt = sgd(model, lr)
-    lr_at = schedule("cosine", lr, max(1, epochs * per_epoch))
-    model.train()
-    step = 0
-    for _ in range(epochs):
-        for x, y in batches(task, rows, gen):
-            for g in opt.param_groups:
-                g["lr"] = lr_at(step)
-            loss = loss_of(x, y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            step += 1
-    return model.eval()
+    """Fine-tuning as every method here does it: `rows` (default: the retain set), a cosine decay."""
+    return fit(model, task, task.retain if rows is None else rows, epochs, lr, gen, loss_of, kind="cosine")
 
 
 def _teacher(original: nn.Module) -> nn.Module:
