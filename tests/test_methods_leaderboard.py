@@ -110,6 +110,21 @@ def test_team_forget_reinitialises_a_growing_share_of_convs_but_not_fc_or_shortc
             assert abs(changed - share) < 0.06, f"{name}: {changed:.2%} re-initialised, expected {share:.2%}"
 
 
+def test_team_forget_on_an_mlp_head_reinitialises_the_hidden_layers_not_the_classifier():
+    """The public-backbone regime's MLP head has no convs: the hidden Linears take their place."""
+    X, y = torch.randn(64, 16), torch.randint(0, 3, (64,))
+    head = lambda: torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.ReLU(), torch.nn.Linear(64, 64),  # noqa: E731
+                                       torch.nn.ReLU(), torch.nn.Linear(64, 3))
+    mlp = Task(X, y, torch.arange(8, 64), torch.arange(8), 3, batch_size=16, head=head)
+    original = new_model(mlp, 0)
+    model = leaderboard.team_forget(original, mlp, lr=0.05, cycles=(0, 0, 0))
+    share = 1 - (1 - 0.1) * (1 - 0.15) * (1 - 0.2)
+    for i in (0, 2):
+        changed = (model[i].weight != original[i].weight).float().mean().item()
+        assert abs(changed - share) < 0.06, f"layer {i}: {changed:.2%} re-initialised, expected {share:.2%}"
+    assert torch.equal(model[4].weight, original[4].weight)
+
+
 def test_kookmin_forgetting_step_raises_the_forget_loss_more_than_the_retain_loss(task, original):
     model = leaderboard.kookmin(original, task, epochs=0, lr=0.05)
 

@@ -30,7 +30,7 @@ randomness from `derive_seed(seed, <method>, ...)`, so a result is a function of
                                chosen layers, fine-tune all layers on the retain set.
   8th  Team Forget             `team_forget`: cycles of forgetting (re-initialise a random 10-20%
                                of the entries of every conv weight, FC and projection shortcuts
-                               excluded) and remembering (MSE between the original's and the
+                               excluded; of every hidden Linear in an MLP) and remembering (MSE between the original's and the
                                model's logits on retain images with Gaussian noise of sd 0.1),
                                3 cycles of 1, 2 and 2 epochs, the share rising 10% -> 15% -> 20%.
 
@@ -240,10 +240,18 @@ def jiaxi_sun(original, task: Task, epochs: int, lr: float, noise: float, layers
 
 
 # --- 8th: Team Forget -----------------------------------------------------------------------------
+def team_forget_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The layers whose weights the forgetting cycles re-initialise: every conv but the projection
+    shortcuts; in a network without convs (an MLP head), every Linear but the last, the classifier
+    that the description excludes as "FC"."""
+    convs = [(name, m) for name, m in _layers(model, (nn.Conv2d,)) if "downsample" not in name]
+    return convs if convs else _layers(model, (nn.Linear,))[:-1]
+
+
 def team_forget(original, task: Task, lr: float, cycles: tuple[int, ...] = (1, 2, 2),
                 shares: tuple[float, ...] = (0.1, 0.15, 0.2), sigma: float = 0.1, seed: int = 0):
     model, teacher = copy.deepcopy(original), _teacher(original)
-    eligible = [(name, m) for name, m in _layers(model, (nn.Conv2d,)) if "downsample" not in name]
+    eligible = team_forget_layers(model)
     gen = torch.Generator().manual_seed(derive_seed(seed, "team-forget"))
 
     def remember(x, _):
