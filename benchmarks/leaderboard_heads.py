@@ -97,15 +97,19 @@ def softmax_of(model: nn.Module):
     return lambda X: logits_of(model, X).softmax(-1)
 
 
+def shard_rows(n: int, retain: torch.Tensor, shards: int, seed: int) -> list[torch.Tensor]:
+    """Each shard's retained rows: sisa.partition's shards of all n rows (as `sisa train` cut them,
+    before any forget), less the rows not in `retain`."""
+    shard_of = torch.tensor([pl.shard for pl in partition(n, shards, 1, seed)])
+    kept = torch.zeros(n, dtype=torch.bool)
+    kept[retain] = True
+    return [((shard_of == s) & kept).nonzero().squeeze(1) for s in range(shards)]
+
+
 def shard_heads(task, cfg: Config, seed: int) -> list[nn.Module]:
     """SISA's exact route with these heads: a head per shard on its retained rows (mean softmax)."""
-    place = partition(len(task.labels), cfg.shards, 1, seed)
-    shard_of = torch.tensor([pl.shard for pl in place])
-    kept = torch.zeros(len(task.labels), dtype=torch.bool)
-    kept[task.retain] = True
     heads = []
-    for s in range(cfg.shards):
-        rows = ((shard_of == s) & kept).nonzero().squeeze(1)
+    for s, rows in enumerate(shard_rows(len(task.labels), task.retain, cfg.shards, seed)):
         s_seed = derive_seed(seed, "shard", s)
         heads.append(train(new_model(task, s_seed), task, rows, cfg.epochs, cfg.lr, seed=s_seed))
     return heads
