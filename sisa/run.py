@@ -432,14 +432,22 @@ class Run:
         """Checkpoint files that an interrupted command wrote for slices job.start.. of this shard
         but never put live, reusable because they name themselves: their bytes hash to the
         content address in their name, and the lineage and configuration inside them are the ones
-        the retained data calls for. Deterministic training makes each equal to a retrain."""
+        the retained data calls for. Deterministic training makes each equal to a retrain.
+
+        Live files are skipped unread: the job exists because the live checkpoint at job.start
+        is stale, and adoption stops at the first slice without a match, so a live file is never
+        adopted. Reading it (every byte hashed, then unpickled) cost every stale shard 0.18-0.23 s
+        for a ResNet-18 checkpoint with momentum (89 MB; measured on the 2-core CPU)."""
         from .executors import SavedSlice, checkpoint_stem
 
         expected = self.expected_lineages(job.shard)
+        live = {Path(c.path).name for c in self.index.checkpoints().values()}
         adopted: list[SavedSlice] = []
         for i in range(job.start, self.config.slices):
             found = None
             for path in sorted((self.dir / CKPT_DIR).glob(f"{checkpoint_stem(job.shard, i)}-*.pt")):
+                if path.name in live:
+                    continue
                 meta, sha = read_staged(path)
                 if meta and meta.get("lineage_sha256") == expected[i] and meta.get("config_hash") == self.config.config_hash:
                     found = SavedSlice(i, path.name, sha, path.stat().st_size, expected[i], meta["n_samples"],
