@@ -83,6 +83,11 @@ def test_transpose_swaps_the_spatial_axes_of_every_conv(task, original):
     assert torch.equal(model.fc.weight, original.fc.weight)
 
 
+def test_transposing_twice_is_the_identity(task, original):
+    twice = leaderboard.transpose(leaderboard.transpose(original, task, epochs=0, lr=0.05), task, epochs=0, lr=0.05)
+    assert state_equal(twice.state_dict(), original.state_dict())
+
+
 def test_amnesiacs_resets_only_the_first_and_last_layers(task, original):
     model = leaderboard.amnesiacs(original, task, warmup_epochs=0, epochs=0, lr=0.05)
     names = list(layers(original))
