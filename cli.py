@@ -226,7 +226,8 @@ def train(
     reused = {str(k): v for k, v in report.slices_reused.items()}
     payload = {"run_dir": str(run.dir), "shards_trained": report.shards_retrained,
                "slices_trained": {str(k): v for k, v in report.slices_retrained.items()}, "slices_reused": reused,
-               "sample_epochs": report.sample_epochs, "seconds": round(report.seconds, 3)}
+               "sample_epochs": report.sample_epochs, "seconds": round(report.seconds, 3),
+               "phase_seconds": {k: round(v, 3) for k, v in report.phase_seconds.items()}}
     n_reused = sum(len(v) for v in reused.values())
     human = (f"trained {len(report.shards_retrained)} shards x {run.config.slices} slices "
              f"({report.sample_epochs} sample-epochs"
@@ -259,7 +260,8 @@ def _accuracy(run, device: str, wanted: bool) -> dict:
         acc = holdout_accuracy(run, pick_device(device))
     if acc is None:
         return {"test_accuracy": None}
-    return {**acc, "test_accuracy_seconds": round(acc.pop("seconds"), 3)}
+    seconds = acc.pop("seconds")  # popped first: unpacked, it would overwrite the command's own "seconds"
+    return {**acc, "test_accuracy_seconds": round(seconds, 3)}
 
 
 def _accuracy_line(payload: dict, wanted: bool) -> str:

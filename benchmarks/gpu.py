@@ -170,6 +170,7 @@ def train_run(run_dir: Path, cfg: sisa.RunConfig, device: torch.device, data_dir
     report, t_train = timed(lambda: run.complete(str(device)), device)
     acc = sisa.evaluate(run_dir, device=device)
     return run, {"seconds": round(t_train, 2), "create_seconds": round(t_create, 2),
+                 "phase_seconds": {k: round(v, 3) for k, v in report.phase_seconds.items()},
                  "sample_epochs": report.sample_epochs,
                  "seconds_per_million_sample_epochs": round(1e6 * t_train / report.sample_epochs, 3),
                  "accuracy_vote": round(100 * acc["ensemble_vote"], 2),
@@ -203,7 +204,8 @@ def stage_sisa(st: Setting, device: torch.device, data_dir: str, work: Path) -> 
         rep, t = timed(lambda b=batch: run.forget(ids=b, device=str(device)), device)
         realised = rep.sample_epochs / rep.full_sample_epochs
         out["forgets"].append({
-            "ids": len(batch), "seconds": round(t, 2), "slices_retrained": {str(k): v for k, v in rep.slices_retrained.items()},
+            "ids": len(batch), "seconds": round(t, 2), "phase_seconds": {k: round(v, 3) for k, v in rep.phase_seconds.items()},
+            "slices_retrained": {str(k): v for k, v in rep.slices_retrained.items()},
             "sample_epoch_fraction": round(realised, 4), "cost_model_fraction": round(model_fraction, 4),
             "speedup_over_monolithic_retrain": round(mono["seconds"] / t, 2),
             # what the cost model predicts for this request: monolithic sample-epochs over the forget's
@@ -362,6 +364,14 @@ def markdown(res: dict) -> str:
             lines.append(f"| {f['ids']} id{'s' if f['ids'] > 1 else ''} | {f['seconds']:.2f} | {f['speedup_over_monolithic_retrain']:.1f}x | "
                          f"{f['predicted_speedup_cost_model']:.1f}x | **{f['measured_over_predicted_cost_model']:.2f}** | "
                          f"{f['predicted_speedup_realised_draw']:.1f}x | {f['measured_over_predicted_realised']:.2f} |")
+        phased = [(f, f["phase_seconds"]) for f in s["forgets"] if f.get("phase_seconds")]
+        if phased:
+            lines += ["", "Where a forget's wall time went: the shard jobs' phases (inputs and starting checkpoint "
+                          "loaded / slices trained / last checkpoint writes waited for), the rest outside the jobs "
+                          "(journal, index, receipt): " + "; ".join(
+                              f"{f['ids']} id{'s' if f['ids'] > 1 else ''}: " + " / ".join(
+                                  f"{p.get(k, 0):.2f}" for k in ("prepare", "train", "write_wait"))
+                              + f" s, rest {f['seconds'] - sum(p.values()):.2f} s" for f, p in phased) + "."]
         if c := s.get("checkpoint_write"):
             lines += ["", f"One checkpoint ({c['bytes'] / 1e6:.0f} MB: weights and momentum) takes {c['seconds']:.2f} s to "
                           f"serialise, hash, write and fsync here: {c['sisa_training_total_seconds']:.0f} s for the S x R "

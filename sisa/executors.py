@@ -28,7 +28,7 @@ import socket
 import time
 from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, ThreadPoolExecutor, wait
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -81,6 +81,9 @@ class ShardResult:
     shard: int
     host: str
     slices: list[SavedSlice]
+    # where the job's time went: "prepare" (inputs and starting state loaded), "train" (the slice
+    # loop; checkpoints are written beside it), "write_wait" (the last writes, after the loop)
+    seconds: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -130,6 +133,7 @@ def run_task(task: ShardTask, progress: Progress | None = None, data: _Data | No
 
     Checkpoints are written by a background thread while the next slice trains."""
     host = socket.gethostname()
+    started = time.perf_counter()
     ckpt_dir = Path(task.checkpoint_dir)
     if not ckpt_dir.is_dir():
         raise SisaError(f"run directory {task.run_dir} is not visible on worker host {host}: it must be on "
@@ -154,8 +158,10 @@ def run_task(task: ShardTask, progress: Progress | None = None, data: _Data | No
     threads = torch.get_num_threads()
     if threads != task.threads:  # on CPU the bits depend on the thread count: use the coordinator's
         torch.set_num_threads(task.threads)
+    seconds = {"prepare": time.perf_counter() - started}
     try:
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-writer") as writer:
+            loop = time.perf_counter()
             for res in run_shard_job(cfg, job, state, inputs, labels, task.device, progress):
                 lineage = lineage_hash(res.ids)
                 # The file describes itself, so a resumed command can reuse it (Run._adopt_staged).
@@ -163,11 +169,14 @@ def run_task(task: ShardTask, progress: Progress | None = None, data: _Data | No
                         "config_hash": cfg.config_hash, "n_samples": len(res.ids), "sample_epochs": res.sample_epochs}
                 saved.append((res.slice, lineage, len(res.ids), res.sample_epochs,
                               writer.submit(_save, {**res.state, "meta": meta}, ckpt_dir, res.shard, res.slice)))
+            waiting = time.perf_counter()
+            seconds["train"] = waiting - loop
             slices = [SavedSlice(slc, path.name, sha, size, lineage, n, work)
                       for slc, lineage, n, work, done in saved for path, sha, size in [done.result()]]
+            seconds["write_wait"] = time.perf_counter() - waiting
     finally:
         torch.set_num_threads(threads)
-    return ShardResult(job.shard, host, slices)
+    return ShardResult(job.shard, host, slices, seconds)
 
 
 def checkpoint_stem(shard: int, slice_: int) -> str:

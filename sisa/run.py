@@ -68,6 +68,9 @@ class CompleteReport:
     sample_epochs: int = 0  # work spent
     full_sample_epochs: int = 0  # work a retrain of every shard from scratch would spend
     seconds: float = 0.0
+    # the shard jobs' time by phase (sisa.executors.ShardResult.seconds), summed over jobs: under
+    # a parallel executor the jobs overlap, so the sum can exceed `seconds`
+    phase_seconds: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -83,6 +86,7 @@ class ForgetReport:
     slices_reused: dict[int, list[int]] = field(default_factory=dict)  # staged by an interrupted command
     ids_not_found: int = 0  # named in the request but unknown to the index (--ignore-missing)
     ids_not_found_examples: list[str] = field(default_factory=list)
+    phase_seconds: dict[str, float] = field(default_factory=dict)  # CompleteReport's
 
     @property
     def cost_fraction(self) -> float:
@@ -93,6 +97,7 @@ class ForgetReport:
         d["slices_retrained"] = {str(k): v for k, v in self.slices_retrained.items()}
         d["slices_reused"] = {str(k): v for k, v in self.slices_reused.items() if v}
         d["cost_fraction"] = round(self.cost_fraction, 6)
+        d["phase_seconds"] = {k: round(v, 3) for k, v in self.phase_seconds.items()}
         return d
 
 
@@ -414,6 +419,8 @@ class Run:
                 outcome = replace(outcome, slices=staged[shard] + trained)
                 self._go_live(first[shard], self._arrived(outcome), in_flight)
                 report.sample_epochs += sum(s.sample_epochs for s in trained)
+                for phase, secs in outcome.seconds.items():
+                    report.phase_seconds[phase] = report.phase_seconds.get(phase, 0.0) + secs
                 report.shards_retrained.append(shard)
                 report.slices_retrained[shard] = [s.slice for s in trained]
         report.shards_retrained.sort()  # parallel executors finish in any order
@@ -690,7 +697,8 @@ class Run:
                             done.shards_retrained, done.slices_retrained, done.sample_epochs,
                             done.full_sample_epochs, time.perf_counter() - start,
                             {k: v for k, v in done.slices_reused.items() if v},
-                            req.n_unknown if req else 0, json.loads(req.unknown_examples or "[]") if req else [])
+                            req.n_unknown if req else 0, json.loads(req.unknown_examples or "[]") if req else [],
+                            done.phase_seconds)
 
     def finish_requests(self) -> list[Request]:
         """Write a receipt for each journaled request and mark it done. Refuses while any live

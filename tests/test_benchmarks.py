@@ -111,11 +111,12 @@ def test_gpu_benchmark_stages_run_and_merge(tmp_path):
     sisa_ = res["sisa"]
     assert sisa_["sisa_bf16"]["sample_epochs"] > 0 and sisa_["monolithic_fp32"]["accuracy_vote"] > 0
     assert [f["ids"] for f in sisa_["forgets"]] == [1, 8]
+    assert all(f["phase_seconds"]["train"] > 0 for f in sisa_["forgets"])
     assert sisa_["checkpoint_write"]["bytes"] > 0 and sisa_["predict"]["ensemble_over_single_div_S"] > 0
     det = res["determinism"]
     assert det["deterministic"]["forget_equals_retrain"] and det["default"]["forget_equals_retrain"]  # CPU: always
     md = (tmp_path / "gpu_smoke.md").read_text()
-    assert "loop / bare" in md and "Deterministic mode" in md
+    assert "loop / bare" in md and "Deterministic mode" in md and "Where a forget's wall time went" in md
 
 
 def test_serve_latency_benchmark_smoke(tmp_path):

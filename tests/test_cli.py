@@ -44,6 +44,7 @@ def test_train_status_evaluate_predict_forget(tmp_path, digits_manifest):
                "--epochs", 1, "--batch-size", 32, "--width", 16, "--run-dir", run, "--device", "cpu", "--json")
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["shards_trained"] == [0, 1]
+    assert json.loads(r.stdout)["phase_seconds"]["train"] > 0
 
     st = json.loads(invoke("status", "--run-dir", run, "--json").stdout)
     assert st["complete"] and st["samples"] == {"active": 240, "deleted": 0} and st["checkpoints"]["live"] == 4
@@ -66,6 +67,10 @@ def test_train_status_evaluate_predict_forget(tmp_path, digits_manifest):
     rep = json.loads(f.stdout)
     assert rep["samples_removed"] == 1 and len(rep["shards_retrained"]) == 1
     assert 0 < rep["cost_fraction"] < 1
+    # where the time went: one shard job's phases, each measured, together within the wall time
+    phases = rep["phase_seconds"]
+    assert set(phases) == {"prepare", "train", "write_wait"} and phases["train"] > 0
+    assert min(phases.values()) >= 0 and sum(phases.values()) <= rep["seconds"]
     st = json.loads(invoke("status", "--run-dir", run, "--json").stdout)
     assert st["samples"]["deleted"] == 1 and st["generation"] == 2 and st["requests"]["unfinished"] == 0
 
