@@ -180,7 +180,7 @@ def main() -> None:
     for sid in rng.sample(list(tr.ids[p:]), args.forgets):
         req = work / "forget.csv"
         req.write_text(f"id\n{sid}\n")
-        out, seconds = cli("forget", "--ids", req, "--run-dir", run_dir, "--device", "cpu")
+        out, seconds = cli("forget", "--ids", req, "--run-dir", run_dir, "--device", "cpu", "--no-eval")
         forgets.append({"id": sid, "seconds": out["seconds"], "wall_s": round(seconds, 3),
                         "slices_retrained": out["slices_retrained"], "cost_fraction": out["cost_fraction"]})
     startup = {"python -c 'import torch'": round(wall("import torch"), 2),

@@ -50,7 +50,7 @@ def main() -> None:
         for sid in rng.sample([f"train-{i:05d}" for i in range(n)], args.forgets):
             req = Path(tmp) / "forget.csv"
             req.write_text(f"id\n{sid}\n")
-            rep, secs = sisa("forget", "--ids", str(req), "--run-dir", run, "--device", "cpu")
+            rep, secs = sisa("forget", "--ids", str(req), "--run-dir", run, "--device", "cpu", "--no-eval")
             forgets.append({"id": sid, "seconds": round(secs, 3), "sample_epochs": rep["sample_epochs"],
                             "full_sample_epochs": rep["full_sample_epochs"], "slices_retrained": rep["slices_retrained"]})
         after, _ = sisa("evaluate", "--run-dir", run, "--device", "cpu")
