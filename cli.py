@@ -163,7 +163,7 @@ def train(
     flip: Annotated[Optional[bool], typer.Option("--flip/--no-flip", help="Random horizontal flips. \\[default: per dataset]")] = None,
     precision: Annotated[Optional[str], typer.Option(help="Arithmetic: fp32, or bf16 (autocast and channels_last: about twice as fast on a GPU); auto picks bf16 when training on a CUDA GPU. Recorded in the run: every forget uses it too. \\[default: auto]")] = None,
     deterministic: Annotated[bool, typer.Option("--deterministic", help="Deterministic CUDA kernels (about 2% slower on an H100): a forget then equals retraining from scratch bit for bit on the same GPU type, which `sisa audit --retrain --device cuda` checks. CPU training is deterministic always.")] = False,
-    reset_momentum: Annotated[bool, typer.Option("--reset-momentum", help="Start every slice step with zero momentum, so each checkpoint holds the weights alone: half the bytes to write (a ResNet-18's 89 MB become 45 MB), what GPU training waits on. Exact either way.")] = False,
+    reset_momentum: Annotated[Optional[bool], typer.Option("--reset-momentum/--carry-momentum", help="Start every slice step with zero momentum, so each checkpoint holds the weights alone (a ResNet-18's 45 MB, against 89 MB with its momentum carried to the next slice): half the bytes to write, what GPU training waits on. Exact either way. \\[default: reset]")] = None,
     run_dir: RunDir = Path("sisa-run"),
     overwrite: Annotated[bool, typer.Option(help="Replace an existing run directory (only a SISA run or an empty folder).")] = False,
     resume: Annotated[bool, typer.Option(help="Finish training an existing run that was interrupted, as it was created.")] = False,
@@ -184,7 +184,7 @@ def train(
     options = dict(shards=shards, slices=slices, epochs=epochs, seed=seed, batch_size=batch_size, lr=lr,
                    width=width, trainable=trainable, crop_pad=crop_pad, flip=flip,
                    precision=None if precision == "auto" else precision, deterministic=deterministic or None,
-                   reset_momentum=reset_momentum or None)
+                   reset_momentum=reset_momentum)
     if test_dir is not None:
         if test_manifest is not None:
             raise sisa.UsageError("--test-dir and --test-manifest both name the test split: pass one of them")
@@ -588,7 +588,7 @@ def status(run_dir: RunDir = Path("sisa-run"), as_json: JsonOut = False):
     human = (f"run {st['run_dir']}: {st['dataset']}, {c['shards']} shards x {c['slices']} slices, "
              f"{c['epochs']} epochs, {c['arch']}, {c.get('precision', 'fp32')}"
              + (", deterministic" if c.get("deterministic") else "")
-             + (", momentum reset per slice" if c.get("reset_momentum") else "")
+             + (", momentum reset per slice" if c.get("reset_momentum") else ", momentum carried across slices")
              + f", seed {c['seed']}, generation {st['generation']}\n"
              f"samples: {st['samples']['active']} active, {st['samples']['deleted']} deleted\n"
              f"checkpoints: {st['checkpoints']['live']}/{st['checkpoints']['expected']} live, "

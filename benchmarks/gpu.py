@@ -24,7 +24,7 @@ Stages (Fashion-MNIST, ResNet-18 with the 3x3 stem, batch 512 unless said):
   equals retraining the shard from scratch bit for bit on this GPU, in both modes.
 - compile: `torch.compile` of the bare step, to see whether it is worth adopting.
 - concurrent: SISA training with 1 and 5 shard jobs at once on the GPU (`--jobs-per-gpu`), and 5
-  with `--reset-momentum`, against monolithic training, and whether every checkpoint file is the
+  with `--carry-momentum`, against monolithic training, and whether every checkpoint file is the
   same whatever the number of jobs.
 """
 from __future__ import annotations
@@ -180,7 +180,7 @@ def train_run(run_dir: Path, cfg: sisa.RunConfig, device: torch.device, data_dir
 
 def stage_sisa(st: Setting, device: torch.device, data_dir: str, work: Path) -> dict:
     out = {"recipe": {"dataset": st.dataset, "epochs": st.epochs, "batch": st.batch, "lr": st.lr, "width": st.width,
-                      "shards": st.shards, "slices": st.slices}}
+                      "shards": st.shards, "slices": st.slices, "reset_momentum": config(st).reset_momentum}}
     mono_run, out["monolithic_bf16"] = train_run(work / "mono", config(st, shards=1, slices=1), device, data_dir)
     mono_run.close()
     shutil.rmtree(work / "mono")
@@ -236,38 +236,46 @@ def stage_sisa(st: Setting, device: torch.device, data_dir: str, work: Path) -> 
                       "ensemble_over_single_div_S": round((len(images) / t_ens) / (len(images) / t_one / len(ens.models)), 3)}
     run.close()
 
-    # The same training with zero momentum at each slice step: checkpoints of the weights alone.
-    lean, out["sisa_bf16_reset_momentum"] = train_run(work / "lean", config(st, reset_momentum=True), device, data_dir)
-    rep, t = timed(lambda: lean.forget(ids=ids[:1], device=str(device)), device)  # same shard and slice as above
-    lean_ck = lean.index.checkpoints()[(0, st.slices - 1)]
-    out["sisa_bf16_reset_momentum"].update(
-        checkpoint_bytes=(lean.dir / lean_ck.path).stat().st_size, forget_1_seconds=round(t, 2),
+    # The same training with momentum carried from slice to slice (the default before issue 12):
+    # checkpoints of the weights and their momentum, but for each shard's last.
+    carry, out["sisa_bf16_carried_momentum"] = train_run(work / "carry", config(st, reset_momentum=False), device, data_dir)
+    rep, t = timed(lambda: carry.forget(ids=ids[:1], device=str(device)), device)  # same shard and slice as above
+    carry_ck = carry.index.checkpoints()[(0, 0)]
+    out["sisa_bf16_carried_momentum"].update(
+        checkpoint_bytes=(carry.dir / carry_ck.path).stat().st_size, forget_1_seconds=round(t, 2),
+        forget_1_phase_seconds={k: round(v, 3) for k, v in rep.phase_seconds.items()},
         forget_1_speedup_over_monolithic_retrain=round(mono["seconds"] / t, 2))
-    out["reset_momentum_over_monolithic_per_sample_epoch"] = round(
-        out["sisa_bf16_reset_momentum"]["seconds_per_million_sample_epochs"] / mono["seconds_per_million_sample_epochs"], 3)
-    lean.close()
+    out["carried_momentum_over_monolithic_per_sample_epoch"] = round(
+        out["sisa_bf16_carried_momentum"]["seconds_per_million_sample_epochs"] / mono["seconds_per_million_sample_epochs"], 3)
+    carry.close()
     return out
 
 
 def checkpoint_write(run: sisa.Run, folder: Path) -> dict:
-    """Seconds to write one live checkpoint again (serialise, hash, write, fsync), on this
-    machine's disk: SISA writes S x R of them in training, and a forget up to R."""
+    """Seconds to write live checkpoints again (serialise, hash, write, fsync), on this machine's
+    disk: SISA writes S x R of them in training, and a forget up to R. Slice 0's holds the weights
+    and their momentum; the last slice's the weights alone (no retrain resumes from it)."""
     from store.checkpoints import load_checkpoint, save_checkpoint, write_atomic
 
-    ck = run.index.checkpoints()[(0, run.config.slices - 1)]
-    state = load_checkpoint(run.dir / ck.path, ck.sha256)
+    def write_time(slice_: int) -> tuple[float, int, bool]:
+        ck = run.index.checkpoints()[(0, slice_)]
+        state = load_checkpoint(run.dir / ck.path, ck.sha256)
+        start = time.perf_counter()
+        for i in range(3):
+            path, _ = save_checkpoint(state, folder, f"probe{slice_}-{i}")
+        return (time.perf_counter() - start) / 3, path.stat().st_size, state["optimizer"] is not None
+
     folder.mkdir()
-    start = time.perf_counter()
-    for i in range(3):
-        path, _ = save_checkpoint(state, folder, f"probe{i}")
-    seconds = (time.perf_counter() - start) / 3
-    size = path.stat().st_size
+    S, R = run.config.shards, run.config.slices
+    seconds, size, momentum = write_time(0)
+    last_seconds, last_size, _ = write_time(R - 1)
     blob = np.random.default_rng(0).bytes(size)  # the disk alone: as many bytes, written and fsynced
     start = time.perf_counter()
     for i in range(3):
         write_atomic(folder / f"raw{i}", blob)
-    return {"bytes": size, "seconds": round(seconds, 3), "disk_seconds": round((time.perf_counter() - start) / 3, 3),
-            "sisa_training_total_seconds": round(seconds * run.config.shards * run.config.slices, 1)}
+    return {"bytes": size, "seconds": round(seconds, 3), "momentum": momentum, "disk_seconds": round((time.perf_counter() - start) / 3, 3),
+            "last_slice_bytes": last_size, "last_slice_seconds": round(last_seconds, 3),
+            "sisa_training_total_seconds": round(seconds * S * (R - 1) + last_seconds * S, 1)}
 
 
 # --- determinism: its cost, and whether a forget then equals a retrain bit for bit -------------------
@@ -298,13 +306,13 @@ def stage_concurrent(st: Setting, device: torch.device, data_dir: str, work: Pat
     mono_run.close()
     out = {"monolithic_bf16": mono, "jobs": {}}
     files = {}
-    for jobs, lean in ((1, False), (st.shards, False), (st.shards, True)):
-        cfg = config(st, reset_momentum=lean)
-        key = f"{jobs}{' reset-momentum' if lean else ''}"
+    for jobs, carried in ((1, False), (st.shards, False), (st.shards, True)):
+        cfg = config(st, reset_momentum=not carried)
+        key = f"{jobs}{' carry-momentum' if carried else ''}"
         run, t_create = timed(lambda: sisa.Run.create(work / f"j{key}", cfg, data_dir=data_dir), device)
         executor = GpuExecutor(devices=[str(device)] if device.type != "cuda" else None, jobs_per_device=jobs)
         report, t = timed(lambda: run.complete("auto", executor=executor), device)
-        if not lean:
+        if not carried:
             files[jobs] = {k: file_sha256(run.dir / c.path) for k, c in run.index.checkpoints().items()}
         out["jobs"][key] = {"seconds": round(t, 2), "sample_epochs": report.sample_epochs,
                                   "over_monolithic_per_sample_epoch": round(
@@ -349,8 +357,13 @@ def markdown(res: dict) -> str:
         lines += [f"## SISA (S={r['shards']}, R={r['slices']}) against one monolithic model, {r['dataset']}, "
                   f"{r['epochs']} epochs, batch {r['batch']}, peak lr {r['lr']}", "",
                   "| run | train s | sample-epochs | s per 1M sample-epochs | test acc (vote / mean) |", "|---|---|---|---|---|"]
-        for key, name in (("monolithic_fp32", "monolithic, fp32"), ("monolithic_bf16", "monolithic, bf16"), ("sisa_bf16", "SISA, bf16"),
-                          ("sisa_bf16_reset_momentum", "SISA, bf16, `--reset-momentum`")):
+        # Since issue 12 the default resets momentum at each slice step; results made before it
+        # (no "reset_momentum" in the recipe) carried it by default and measured the reset beside.
+        reset_default = r.get("reset_momentum", False)
+        for key, name in (("monolithic_fp32", "monolithic, fp32"), ("monolithic_bf16", "monolithic, bf16"),
+                          ("sisa_bf16", "SISA, bf16" + (" (momentum reset per slice: the default)" if reset_default else "")),
+                          ("sisa_bf16_reset_momentum", "SISA, bf16, `--reset-momentum`"),
+                          ("sisa_bf16_carried_momentum", "SISA, bf16, `--carry-momentum`")):
             if (m := s.get(key)) is None:
                 continue
             lines.append(f"| {name} | {m['seconds']:.1f} | {m['sample_epochs']:,} | {m['seconds_per_million_sample_epochs']:.2f} | "
@@ -373,10 +386,19 @@ def markdown(res: dict) -> str:
                                   f"{p.get(k, 0):.2f}" for k in ("prepare", "train", "write_wait"))
                               + f" s, rest {f['seconds'] - sum(p.values()):.2f} s" for f, p in phased) + "."]
         if c := s.get("checkpoint_write"):
-            lines += ["", f"One checkpoint ({c['bytes'] / 1e6:.0f} MB: weights and momentum) takes {c['seconds']:.2f} s to "
-                          f"serialise, hash, write and fsync here: {c['sisa_training_total_seconds']:.0f} s for the S x R "
+            last = (f"; the last slice's ({c['last_slice_bytes'] / 1e6:.0f} MB: the weights alone) "
+                    f"{c['last_slice_seconds']:.2f} s" if c.get("momentum") else "")
+            held = "weights and momentum" if c.get("momentum", True) else "the weights alone"
+            lines += ["", f"One checkpoint ({c['bytes'] / 1e6:.0f} MB: {held}) takes {c['seconds']:.2f} s to "
+                          f"serialise, hash, write and fsync here{last}: {c['sisa_training_total_seconds']:.0f} s for the S x R "
                           "of a SISA training, written by a background thread while the next slice trains."
                       + (f" Writing and fsyncing as many random bytes takes {c['disk_seconds']:.2f} s of that." if "disk_seconds" in c else "")]
+        if m := s.get("sisa_bf16_carried_momentum"):
+            lines += ["", f"With `--carry-momentum` (momentum carried to the next slice step, checkpoints of "
+                          f"{m['checkpoint_bytes'] / 1e6:.0f} MB: weights and momentum): SISA / monolithic "
+                          f"**{s['carried_momentum_over_monolithic_per_sample_epoch']:.2f}x** per sample-epoch; the forget "
+                          f"of the same 1 id {m['forget_1_seconds']:.2f} s ({m['forget_1_speedup_over_monolithic_retrain']:.1f}x "
+                          "over monolithic retraining)."]
         if m := s.get("sisa_bf16_reset_momentum"):
             lines += ["", f"With `--reset-momentum` (zero momentum at each slice step, checkpoints of "
                           f"{m['checkpoint_bytes'] / 1e6:.0f} MB: the weights alone): SISA / monolithic "

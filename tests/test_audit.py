@@ -10,7 +10,6 @@ from typer.testing import CliRunner
 
 import sisa
 from cli import app
-from store.checkpoints import load_checkpoint, save_checkpoint
 from store.index import Checkpoint, Index
 
 from .conftest import file_hashes
@@ -101,26 +100,6 @@ def test_retrain_catches_a_checkpoint_the_index_vouches_for(trained_run, tmp_pat
     assert audit_json(trained_run)[0] == 0, "the forgery fools the cheap checks"
     code, rep = audit_json(trained_run, "--retrain", "2")
     assert code == 1 and rep["failures"] == ["shard 2 slice 2: differs from retraining from scratch"]
-
-
-def test_last_slice_keeps_weights_alone_and_older_runs_with_its_momentum_still_audit(trained_run):
-    """A retrain resumes from the state before the earliest affected slice, never from the last
-    one: its checkpoint holds the weights alone, the others their momentum too. A run trained
-    before that rule (the last slice's momentum saved, never read) passes `--retrain` all the same."""
-    cks = live(trained_run)
-    last, before = (load_checkpoint(trained_run / cks[(0, i)].path, cks[(0, i)].sha256) for i in (2, 1))
-    assert last["optimizer"] is None and before["optimizer"]["state"], "momentum where a resume reads it"
-
-    old_style = {**last, "optimizer": before["optimizer"]}
-    path, sha = save_checkpoint(old_style, trained_run / "checkpoints", "shard000-slice002")
-    index = Index(trained_run / "index.sqlite")
-    with index.transaction() as s:
-        s.execute(update(Checkpoint).where(Checkpoint.shard == 0, Checkpoint.slice == 2)
-                  .values(sha256=sha, path=f"checkpoints/{path.name}"))
-    index.close()
-    (trained_run / cks[(0, 2)].path).unlink()
-    code, rep = audit_json(trained_run, "--retrain", "0")
-    assert code == 0 and rep["ok"], rep
 
 
 def test_lineage_stray_files_and_receipts_are_checked(trained_run, tmp_path):

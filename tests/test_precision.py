@@ -6,13 +6,15 @@ import json
 
 import pytest
 import torch
+from sqlalchemy import update
 from typer.testing import CliRunner
 
 import sisa
 from cli import app
 from sisa.audit import audit
 from sisa.training import forward, prepare
-from store.checkpoints import load_checkpoint
+from store.checkpoints import load_checkpoint, save_checkpoint
+from store.index import Checkpoint
 
 from .conftest import small_config
 
@@ -83,6 +85,11 @@ def test_cli_records_precision_and_determinism(digits_manifest, tmp_path):
     assert status["config"]["deterministic"] is True and status["config"]["reset_momentum"] is True
     assert status["config"]["precision"] == "fp32"  # auto on a CPU
     assert "resnet18, fp32, deterministic, momentum reset per slice, seed 0" in CliRunner().invoke(app, ["status", "--run-dir", str(run_dir)]).stdout
+    carried = tmp_path / "carried"
+    res = CliRunner().invoke(app, ["train", "--dataset", str(train_csv), "--shards", "2", "--slices", "1", "--epochs", "1",
+                                   "--width", "8", "--carry-momentum", "--run-dir", str(carried), "--device", "cpu", "--no-eval"])
+    assert res.exit_code == 0, res.output
+    assert "fp32, momentum carried across slices, seed 0" in CliRunner().invoke(app, ["status", "--run-dir", str(carried)]).stdout
     res = CliRunner().invoke(app, ["train", "--resume", "--precision", "bf16", "--run-dir", str(run_dir)])
     assert res.exit_code == 2 and "--precision bf16 (the run has fp32)" in res.output
     res = CliRunner().invoke(app, ["train", "--dataset", str(train_csv), "--precision", "fp16",
@@ -93,26 +100,48 @@ def test_cli_records_precision_and_determinism(digits_manifest, tmp_path):
     assert res.exit_code == 0, res.output
 
 
-def test_reset_momentum_starts_each_slice_step_afresh_saves_weights_alone_and_forgets_exactly(digits_manifest, tmp_path):
+def test_momentum_reset_by_default_or_carried_both_forget_exactly(digits_manifest, tmp_path):
+    """Zero momentum at each slice step (the default) or momentum carried to the next one (what
+    runs made before the default changed did): both exact. A recorded config without the field
+    means carried momentum, with the hash such a run always had."""
     train_csv, test_csv = digits_manifest
-    base = small_config(train_csv, shards=2, slices=2, epochs=2)
-    lean_cfg = small_config(train_csv, shards=2, slices=2, epochs=2, reset_momentum=True)
-    assert "reset_momentum" not in base.training_fields() and lean_cfg.config_hash != base.config_hash
+    lean_cfg = small_config(train_csv, shards=2, slices=3, epochs=2)
+    carry_cfg = small_config(train_csv, shards=2, slices=3, epochs=2, reset_momentum=False)
+    assert lean_cfg.reset_momentum and "reset_momentum" in lean_cfg.training_fields()
+    assert "reset_momentum" not in carry_cfg.training_fields(), "older runs keep their config hash"
+    recorded = json.loads(carry_cfg.to_json())
+    del recorded["reset_momentum"]
+    assert sisa.RunConfig.from_json(json.dumps(recorded)) == carry_cfg
     carry, lean = (sisa.train(tmp_path / name, cfg, test_manifest=test_csv) for name, cfg in
-                   (("carry", base), ("lean", lean_cfg)))
+                   (("carry", carry_cfg), ("lean", lean_cfg)))
 
     def state(run, slc):
         ck = run.index.checkpoints()[(0, slc)]
         return load_checkpoint(run.dir / ck.path, ck.sha256)
 
-    # Slice 0 starts from nothing either way; slice 1 is where carried momentum would act.
-    assert state(lean, 0)["optimizer"] is None and state(carry, 0)["optimizer"] is not None
+    # Slice 0 starts from nothing either way; slice 1 is where carried momentum acts. A shard's
+    # last checkpoint holds the weights alone either way: no retrain resumes from it.
+    assert state(lean, 0)["optimizer"] is None and state(carry, 0)["optimizer"]["state"]
+    assert state(carry, 1)["optimizer"]["state"] and state(carry, 2)["optimizer"] is None
     assert all(torch.equal(v, state(carry, 0)["model"][k]) for k, v in state(lean, 0)["model"].items())
     assert not torch.equal(state(lean, 1)["model"]["conv1.weight"], state(carry, 1)["model"]["conv1.weight"])
     assert (lean.dir / lean.index.checkpoints()[(0, 0)].path).stat().st_size < \
         0.6 * (carry.dir / carry.index.checkpoints()[(0, 0)].path).stat().st_size
-    carry.close()
-    lean.forget(ids=[lean.retained(0)[1][1][0]])  # shard 0, slice 1: retrained from slice 0's weights alone
-    report = audit(lean, retrain=[0, 1])
-    assert report.ok, report.failures
+    for run in (carry, lean):
+        run.forget(ids=[run.retained(0)[1][1][0]])  # shard 0, slice 1: retrained from slice 0's state
+        report = audit(run, retrain=[0, 1])
+        assert report.ok, report.failures
     lean.close()
+
+    # A run trained while the last slice's momentum was saved too (never read) still audits.
+    last = state(carry, 2)
+    path, sha = save_checkpoint({**last, "optimizer": state(carry, 1)["optimizer"]}, carry.dir / "checkpoints",
+                                "shard000-slice002")
+    old = carry.index.checkpoints()[(0, 2)]
+    with carry.index.transaction() as s:
+        s.execute(update(Checkpoint).where(Checkpoint.shard == 0, Checkpoint.slice == 2)
+                  .values(sha256=sha, path=f"checkpoints/{path.name}"))
+    (carry.dir / old.path).unlink()
+    report = audit(carry, retrain=[0])
+    assert report.ok, report.failures
+    carry.close()
