@@ -393,18 +393,16 @@ def markdown(res: dict) -> str:
                           f"serialise, hash, write and fsync here{last}: {c['sisa_training_total_seconds']:.0f} s for the S x R "
                           "of a SISA training, written by a background thread while the next slice trains."
                       + (f" Writing and fsyncing as many random bytes takes {c['disk_seconds']:.2f} s of that." if "disk_seconds" in c else "")]
-        if m := s.get("sisa_bf16_carried_momentum"):
-            lines += ["", f"With `--carry-momentum` (momentum carried to the next slice step, checkpoints of "
-                          f"{m['checkpoint_bytes'] / 1e6:.0f} MB: weights and momentum): SISA / monolithic "
-                          f"**{s['carried_momentum_over_monolithic_per_sample_epoch']:.2f}x** per sample-epoch; the forget "
-                          f"of the same 1 id {m['forget_1_seconds']:.2f} s ({m['forget_1_speedup_over_monolithic_retrain']:.1f}x "
-                          "over monolithic retraining)."]
-        if m := s.get("sisa_bf16_reset_momentum"):
-            lines += ["", f"With `--reset-momentum` (zero momentum at each slice step, checkpoints of "
-                          f"{m['checkpoint_bytes'] / 1e6:.0f} MB: the weights alone): SISA / monolithic "
-                          f"**{s['reset_momentum_over_monolithic_per_sample_epoch']:.2f}x** per sample-epoch; the forget "
-                          f"of the same 1 id {m['forget_1_seconds']:.2f} s ({m['forget_1_speedup_over_monolithic_retrain']:.1f}x "
-                          "over monolithic retraining)."]
+        # the arm beside the default: --carry-momentum since issue 12 made the reset the default
+        for arm, flag, held in (("carried_momentum", "--carry-momentum", "momentum carried to the next slice step, "
+                                 "checkpoints of {:.0f} MB: weights and momentum"),
+                                ("reset_momentum", "--reset-momentum", "zero momentum at each slice step, "
+                                 "checkpoints of {:.0f} MB: the weights alone")):
+            if m := s.get(f"sisa_bf16_{arm}"):
+                lines += ["", f"With `{flag}` ({held.format(m['checkpoint_bytes'] / 1e6)}): SISA / monolithic "
+                              f"**{s[arm + '_over_monolithic_per_sample_epoch']:.2f}x** per sample-epoch; the forget "
+                              f"of the same 1 id {m['forget_1_seconds']:.2f} s ({m['forget_1_speedup_over_monolithic_retrain']:.1f}x "
+                              "over monolithic retraining)."]
         p = s["predict"]
         lines += ["", f"Ensemble prediction: {p['ensemble_images_per_s']:,} img/s over {p['images']:,} images; one "
                       f"constituent alone {p['single_model_images_per_s']:,} img/s; ensemble / (single / S) = "
