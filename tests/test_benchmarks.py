@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -110,13 +112,17 @@ def test_gpu_benchmark_stages_run_and_merge(tmp_path):
         assert res["step"][precision]["pipeline_images_per_s"] > 0 and res["step"][precision]["pipeline_over_bare"] > 0
     sisa_ = res["sisa"]
     assert sisa_["sisa_bf16"]["sample_epochs"] > 0 and sisa_["monolithic_fp32"]["accuracy_vote"] > 0
-    assert [f["ids"] for f in sisa_["forgets"]] == [1, 8]
+    assert [f["ids"] for f in sisa_["forgets"]] == [1, 1, 8]  # the smoke setting's two single-id requests
+    mean = sisa_["forget_1_mean"]
+    assert mean["requests"] == 2 and mean["seconds"] == pytest.approx(
+        (sisa_["forgets"][0]["seconds"] + sisa_["forgets"][1]["seconds"]) / 2, abs=0.011)
     assert all(f["phase_seconds"]["train"] > 0 for f in sisa_["forgets"])
     assert sisa_["checkpoint_write"]["bytes"] > 0 and sisa_["predict"]["ensemble_over_single_div_S"] > 0
     det = res["determinism"]
     assert det["deterministic"]["forget_equals_retrain"] and det["default"]["forget_equals_retrain"]  # CPU: always
     md = (tmp_path / "gpu_smoke.md").read_text()
     assert "loop / bare" in md and "Deterministic mode" in md and "Where a forget's wall time went" in md
+    assert "The 2 single-id forgets, one request after another" in md
 
 
 def test_serve_latency_benchmark_smoke(tmp_path):
