@@ -128,7 +128,7 @@ def audit(run: Run, retrain: Iterable[int] = (), repair: bool = False, device: s
             # What the retrain resumes from, compared bit for bit: the weights, and the momentum where
             # the retrain keeps one (the last slice's never serves; runs trained before this rule
             # saved it there, and it was never read).
-            compared = [k for k in res.state if res.state[k] is not None or k != "optimizer"]
+            compared = [k for k in res.state if not (k == "optimizer" and res.state[k] is None)]
             if not state_equal({k: saved.get(k) for k in compared}, {k: res.state[k] for k in compared}):
                 report.failures.append(f"shard {shard} slice {res.slice}: differs from retraining from scratch")
         if run.config.frozen:

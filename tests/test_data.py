@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import gzip
-import hashlib
 import pickle
 from pathlib import Path
 
@@ -24,6 +23,24 @@ def test_digits_split_is_fixed_stratified_and_named():
     test_counts = np.bincount(d.test.labels.numpy(), minlength=10) / len(d.test)
     assert np.abs(counts - test_counts).max() < 0.01
     assert load_digits().train.sample_hashes() == d.train.sample_hashes()
+
+
+def test_digits_are_what_scikit_learn_loads_and_splits():
+    """load_digits reads scikit-learn's file itself and stores the split: both must stay what
+    scikit-learn gives, or every digits run's recorded content hashes would stop matching."""
+    from sklearn.datasets import load_digits as sk_digits
+    from sklearn.model_selection import train_test_split
+
+    from sisa.data import DIGITS_SPLIT_SEED
+
+    sk = sk_digits()
+    rows = np.arange(len(sk.target))
+    train_rows, test_rows = train_test_split(rows, test_size=0.2, stratify=sk.target, random_state=DIGITS_SPLIT_SEED)
+    images = np.rint(sk.images * (255.0 / 16.0)).astype(np.uint8)[:, None]
+    d = load_digits()
+    for split, chosen in ((d.train, np.sort(train_rows)), (d.test, np.sort(test_rows))):
+        assert np.array_equal(split.images.numpy(), images[chosen])
+        assert np.array_equal(split.labels.numpy(), sk.target[chosen])
 
 
 def write_idx(path: Path, array: np.ndarray) -> None:
