@@ -331,6 +331,9 @@ def stage_concurrent(st: Setting, device: torch.device, data_dir: str, work: Pat
         if not carried:
             files[jobs] = {k: file_sha256(run.dir / c.path) for k, c in run.index.checkpoints().items()}
         out["jobs"][key] = {"seconds": round(t, 2), "sample_epochs": report.sample_epochs,
+                            # summed over the shard jobs: a worker's start (spawn, imports, CUDA
+                            # context) is in none of them, its data load in "prepare"
+                            "phase_seconds": {k: round(v, 3) for k, v in report.phase_seconds.items()},
                                   "over_monolithic_per_sample_epoch": round(
                                       (t / report.sample_epochs) / (mono["seconds"] / mono["sample_epochs"]), 3)}
         run.close()
@@ -444,8 +447,11 @@ def markdown(res: dict) -> str:
                   f"{s['eager_infer_images_per_s']:,} vs {s['compiled_infer_images_per_s']:,} img/s.", ""]
     if s := res.get("concurrent"):
         lines += ["## Several shard jobs at once on one GPU (`--jobs-per-gpu`)", "",
-                  "| jobs at once | SISA train s | / monolithic per sample-epoch |", "|---|---|---|"]
-        lines += [f"| {k} | {v['seconds']:.1f} | **{v['over_monolithic_per_sample_epoch']:.2f}x** |" for k, v in s["jobs"].items()]
+                  "| jobs at once | SISA train s | / monolithic per sample-epoch | job phases summed: prepare / train / write_wait s |",
+                  "|---|---|---|---|"]
+        lines += [f"| {k} | {v['seconds']:.1f} | **{v['over_monolithic_per_sample_epoch']:.2f}x** | "
+                  + (" / ".join(f"{v['phase_seconds'].get(p, 0):.1f}" for p in ("prepare", "train", "write_wait"))
+                     if v.get("phase_seconds") else "not recorded") + " |" for k, v in s["jobs"].items()]
         lines += ["", f"Monolithic: {s['monolithic_bf16']['seconds']:.1f} s. Every checkpoint file identical whatever the "
                       f"number of jobs at once: {'yes' if s['identical_checkpoints'] else 'NO'}.", ""]
     for stage, why in res.get("failed", {}).items():
