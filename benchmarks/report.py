@@ -181,10 +181,11 @@ def plot_relearning(curves: dict[str, dict], path):
 
 
 def _defaults_note(config: dict) -> str:
-    from sisa.config import RunConfig
+    from sisa.config import LEGACY, RunConfig
 
     default = RunConfig()
-    changed = [k for k in ("epochs", "batch_size", "lr", "width") if config[k] != getattr(default, k)]
+    changed = [k for k in ("epochs", "batch_size", "lr", "width", "reset_momentum")
+               if config.get(k, LEGACY.get(k)) != getattr(default, k)]
     return "sisa.RunConfig's defaults" + (f" except {', '.join(changed)}" if changed else "")
 
 
