@@ -123,7 +123,10 @@ def load_digits() -> Dataset:
     random_state=DIGITS_SPLIT_SEED)` draws, stored (tests/test_data.py draws it again to check)."""
     import importlib.util
 
-    path = Path(importlib.util.find_spec("sklearn").origin).parent / "datasets" / "data" / "digits.csv.gz"
+    spec = importlib.util.find_spec("sklearn")
+    if spec is None or spec.origin is None:
+        raise SisaError("the digits data set ships with scikit-learn, which is not installed: pip install scikit-learn")
+    path = Path(spec.origin).parent / "datasets" / "data" / "digits.csv.gz"
     try:
         data = np.loadtxt(path, delimiter=",")  # 64 pixel values 0..16, then the label, per row
     except OSError as e:
