@@ -131,11 +131,14 @@ def load_digits() -> Dataset:
         data = np.loadtxt(path, delimiter=",")  # 64 pixel values 0..16, then the label, per row
     except OSError as e:
         raise SisaError(f"cannot read scikit-learn's digits file {path}: {e}") from None
-    images = np.rint(data[:, :-1].reshape(-1, 1, 8, 8) * (255.0 / 16.0)).astype(np.uint8)  # (1797, 1, 8, 8)
+    # (1797, 1, 8, 8), built as it always was: the new axis and the row gather give the strides
+    # (64, 1, 8, 1), and on the CPU a convolution's bits depend on its input's memory layout
+    images = np.rint(data[:, :-1].reshape(-1, 8, 8) * (255.0 / 16.0)).astype(np.uint8)[:, None]
     target = data[:, -1].astype(np.int64)
     test = np.unpackbits(np.frombuffer(base64.b64decode(DIGITS_TEST_ROWS), np.uint8))[: len(target)].astype(bool)
-    return Dataset("digits", _split("train", images[~test], target[~test]), _split("test", images[test], target[test]),
-                   tuple(str(i) for i in range(10)))
+    train_rows, test_rows = np.flatnonzero(~test), np.flatnonzero(test)
+    return Dataset("digits", _split("train", images[train_rows], target[train_rows]),
+                   _split("test", images[test_rows], target[test_rows]), tuple(str(i) for i in range(10)))
 
 
 # The rows of the digits test split, one bit per row (np.packbits, base64): the stratified 80/20
