@@ -198,9 +198,10 @@ def _run_shard_job(cfg, job, state, images, labels, device, progress):
     # continuing it is bitwise what reloading the saved momentum would give (tests/test_exactness),
     # without copying it back from the host at every slice step. It starts from the saved state;
     # on the CPU load_state_dict would keep the caller's tensors and training would mutate them.
-    opt = make_optimizer(cfg, model)
-    if state["optimizer"] is not None and not cfg.reset_momentum:
-        opt.load_state_dict(_cpu_copy(state["optimizer"]) if device.type == "cpu" else state["optimizer"])
+    if not cfg.reset_momentum:  # (with it, each slice step builds its own, below)
+        opt = make_optimizer(cfg, model)
+        if state["optimizer"] is not None:
+            opt.load_state_dict(_cpu_copy(state["optimizer"]) if device.type == "cpu" else state["optimizer"])
     sizes = [sum(len(s) for s in job.slice_rows[: i + 1]) for i in range(cfg.slices)]
     total = sum(epochs[i] * sizes[i] for i in range(job.start, cfg.slices) if sizes[i] >= 2)
     # Step i trains on slices 0..i, a prefix of the shard's rows in slice order: the shard's data
