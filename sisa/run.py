@@ -27,6 +27,8 @@ import time
 from collections.abc import Callable, Iterable
 from contextlib import closing, contextmanager
 from dataclasses import asdict, dataclass, field, replace
+from itertools import groupby
+from operator import itemgetter
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -301,36 +303,40 @@ class Run:
         return self.retained_by_shard([shard])[shard]
 
     def retained_by_shard(self, only: Iterable[int] | None = None) -> dict[int, tuple[list[list[int]], list[list[str]]]]:
-        """`retained` for every shard (or only some), from one query."""
+        """`retained` for every shard (or only some), from one query. Every command plans from
+        it (every shard's lineage is checked), so it is built a whole slice at a time."""
         shards = range(self.config.shards) if only is None else sorted(only)
         out = {k: ([[] for _ in range(self.config.slices)], [[] for _ in range(self.config.slices)]) for k in shards}
-        for k, slc, sid, row in self.index.retained_places(None if only is None else shards):
-            out[k][0][slc].append(row)
-            out[k][1][slc].append(sid)
+        for (k, slc), places in groupby(self.index.retained_places(None if only is None else shards),
+                                        key=itemgetter(0, 1)):
+            _, _, ids, rows = zip(*places)
+            out[k][0][slc], out[k][1][slc] = list(rows), list(ids)
         return out
 
     def expected_lineages(self, shard: int, ids: list[list[str]] | None = None) -> list[str]:
         """The lineage hash each slice's checkpoint must have, given the retained data: the
-        sha256 of the ids of slices 0..i (store.index.lineage_hash), one running hash."""
+        sha256 of the ids of slices 0..i (store.index.lineage_hash), one running hash, fed a
+        slice at a time (the same bytes as one id at a time)."""
         ids = self.retained(shard)[1] if ids is None else ids
         h, out = hashlib.sha256(), []
         for slice_ids in ids:
-            for x in slice_ids:
-                h.update(x.encode())
-                h.update(b"\n")
+            if slice_ids:
+                h.update(("\n".join(slice_ids) + "\n").encode())
             out.append(h.copy().hexdigest())
         return out
 
-    def shard_jobs(self, only: Iterable[int] | None = None) -> list[ShardJob]:
+    def shard_jobs(self, only: Iterable[int] | None = None,
+                   retained: dict[int, tuple[list[list[int]], list[list[str]]]] | None = None) -> list[ShardJob]:
         """One job per shard (of all, or of `only`) whose live checkpoints are not exactly what
         its retained data would train: a missing checkpoint, or one whose lineage holds a deleted
-        sample."""
+        sample. `retained`: `retained_by_shard(only)`, when the caller has read it already."""
         live = self.index.checkpoints()
+        config_hash = self.config.config_hash
         jobs = []
-        for shard, (rows, ids) in self.retained_by_shard(only).items():
+        for shard, (rows, ids) in (self.retained_by_shard(only) if retained is None else retained).items():
             for i, lineage in enumerate(self.expected_lineages(shard, ids)):
                 ck = live.get((shard, i))
-                if ck is None or ck.lineage_sha256 != lineage or ck.config_hash != self.config.config_hash:
+                if ck is None or ck.lineage_sha256 != lineage or ck.config_hash != config_hash:
                     jobs.append(ShardJob(shard, i, rows, ids))
                     break
         return jobs
@@ -352,13 +358,17 @@ class Run:
         job.slice_rows = [[row_of[x] for x in ids] for ids in job.slice_ids]
         return run_shard_job(self.config, job, start, data.train.images, data.train.labels, device)
 
-    def full_cost(self) -> int:
-        """Sample-epochs of retraining every shard from scratch on the retained data."""
+    def full_cost(self, retained: dict[int, tuple[list[list[int]], list[list[str]]]] | None = None) -> int:
+        """Sample-epochs of retraining every shard from scratch on the retained data
+        (`retained`: `retained_by_shard()`, when the caller has read it already)."""
         epochs = slice_epochs(self.config.slices, self.config.epochs)
-        with self.index.transaction() as s:
-            counts = dict(((k, i), n) for k, i, n in s.execute(
-                select(Sample.shard, Sample.slice, func.count()).where(Sample.status == ACTIVE)
-                .group_by(Sample.shard, Sample.slice)))
+        if retained is not None:
+            counts = {(k, i): len(ids) for k, (_, slices) in retained.items() for i, ids in enumerate(slices)}
+        else:
+            with self.index.transaction() as s:
+                counts = dict(((k, i), n) for k, i, n in s.execute(
+                    select(Sample.shard, Sample.slice, func.count()).where(Sample.status == ACTIVE)
+                    .group_by(Sample.shard, Sample.slice)))
         total = 0
         for shard in range(self.config.shards):
             prefix = 0
@@ -386,8 +396,9 @@ class Run:
         self.scrub_cache()  # a request journaled by a command that died before zeroing its cached pixels
         ckpt_dir = self.dir / CKPT_DIR
         clean_temp(ckpt_dir)
-        report = CompleteReport(full_sample_epochs=self.full_cost())
-        jobs = self.shard_jobs()
+        retained = self.retained_by_shard()  # read once: the plan and the cost of a full retrain
+        report = CompleteReport(full_sample_epochs=self.full_cost(retained))
+        jobs = self.shard_jobs(retained=retained)
         with self.index.transaction() as s:
             s.execute(update(Request).where(Request.status == PENDING).values(status=RETRAINING))
             in_flight = list(s.scalars(select(Request.id).where(Request.status == RETRAINING)))
@@ -447,7 +458,7 @@ class Run:
         for a ResNet-18 checkpoint with momentum (89 MB; measured on the 2-core CPU)."""
         from .executors import SavedSlice, checkpoint_stem
 
-        expected = self.expected_lineages(job.shard)
+        expected = self.expected_lineages(job.shard, job.slice_ids)  # what the job trains
         live = {Path(c.path).name for c in self.index.checkpoints().values()}
         adopted: list[SavedSlice] = []
         for i in range(job.start, self.config.slices):

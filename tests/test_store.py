@@ -74,6 +74,19 @@ def test_lineage_hash_is_order_sensitive_and_unambiguous():
     assert lineage_hash([]) == lineage_hash(iter([]))
 
 
+def test_lineage_hash_keeps_its_recorded_definition():
+    """Checkpoints already written carry lineages hashed one id at a time; however it is
+    computed, the bytes hashed must stay the ids, each followed by a newline."""
+    import hashlib
+
+    ids = ["train-00017", "a", "", "ü-42", "train-1"]
+    one_by_one = hashlib.sha256()
+    for i in ids:
+        one_by_one.update(i.encode() + b"\n")
+    assert lineage_hash(ids) == lineage_hash(iter(ids)) == one_by_one.hexdigest()
+    assert lineage_hash([]) == hashlib.sha256().hexdigest()
+
+
 def test_an_index_written_before_new_columns_gets_them_and_keeps_its_rows(tmp_path):
     import sqlite3
     from datetime import datetime
@@ -100,3 +113,33 @@ def test_an_index_written_before_new_columns_gets_them_and_keeps_its_rows(tmp_pa
     assert rows[0] == (1, None, "done", 3)  # taken in and trained by the `sisa add` that wrote it
     assert rows[1][1].startswith("a-") and rows[1][2:] == ("pending", 2)
     Index(path).close()  # opening again adds nothing twice
+
+
+def test_an_index_written_with_an_older_index_definition_gets_it_rebuilt(tmp_path):
+    """ix_samples_place once held (shard, slice, position) alone; now it covers what planning
+    reads, and an older index is rebuilt on open, its rows kept, the plan one index scan."""
+    import sqlite3
+
+    path = tmp_path / "index.sqlite"
+    Index(path).close()
+    conn = sqlite3.connect(path)
+    conn.execute("DROP INDEX ix_samples_place")
+    conn.execute("CREATE INDEX ix_samples_place ON samples (shard, slice, position)")
+    conn.executemany("INSERT INTO samples (id, row, label, shard, slice, position, status) VALUES (?, ?, 0, ?, ?, ?, 'active')",
+                     [(f"s{r}", r, r % 2, r % 3, r) for r in range(12)])
+    conn.commit()
+    conn.close()
+    index = Index(path)
+    try:
+        places = index.retained_places()
+        with index.engine.connect() as c:
+            columns = [r[2] for r in c.exec_driver_sql("PRAGMA index_info(ix_samples_place)")]
+            plan = " ".join(r[3] for r in c.exec_driver_sql(
+                "EXPLAIN QUERY PLAN SELECT shard, slice, id, row FROM samples WHERE status = 'active' "
+                "ORDER BY shard, slice, position"))
+    finally:
+        index.close()
+    assert columns == ["shard", "slice", "position", "status", "id", "row"]
+    assert "COVERING INDEX ix_samples_place" in plan
+    assert places == sorted(((r % 2, r % 3, f"s{r}", r) for r in range(12)), key=lambda p: (p[0], p[1], p[3]))
+    Index(path).close()  # opening again rebuilds nothing
