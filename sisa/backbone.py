@@ -17,6 +17,7 @@ Building blocks here, in the order a run uses them:
     load_init_file      an init weights file -> (state dict, sha256)
     initial_weights     the full state a shard starts from, and which tensors the file did not give
     build_parts         the model split into a frozen Trunk and a trainable Head
+    build_head          the Head alone (an fc head without building the network)
     compute_features    the trunk's features of a whole image tensor, in canonical chunks
     pretrain            one monolithic ResNet-18 trained on a dataset the user declares public
 """
@@ -255,6 +256,17 @@ def build_parts(arch: str, channels: int, classes: int, trainable: str,
     cut = _STAGES.index(_HEAD_STARTS[trainable])
     return (Trunk(OrderedDict((n, modules[n]) for n in _STAGES[:cut])),
             Head(OrderedDict((n, modules[n]) for n in _STAGES[cut:])))
+
+
+def build_head(arch: str, channels: int, classes: int, trainable: str, width: int = 64) -> Head:
+    """`build_parts(...)[1]`, the trainable part, for a state dict to be loaded into. For "fc",
+    the one Linear it is, built alone: building the network imports torchvision, about 2 s of a
+    head forget's start-up on the 2-core CPU, when the head takes milliseconds to retrain.
+    (tests/test_backbone.py holds both the same.)"""
+    _check_trainable(trainable)
+    if trainable == "fc" and arch == "resnet18":
+        return Head(OrderedDict(fc=nn.Linear(width * 8, classes)))
+    return build_parts(arch, channels, classes, trainable, width=width)[1]
 
 
 # --- features ----------------------------------------------------------------------------

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import torch
-import torchvision
 from torch import nn
 
 from .errors import UsageError
@@ -21,6 +20,9 @@ def build_model(arch: str, channels: int, classes: int, width: int = 64) -> nn.M
         raise UsageError(f"unknown architecture {arch!r}: use one of {', '.join(ARCHS)}")
     if width < 1:
         raise UsageError(f"--width must be at least 1, got {width}")
+    import torchvision  # here, not at the top: it costs about 2 s of start-up (it loads torch._dynamo),
+    # and a forget on a frozen trunk's fc head never builds the network (sisa.backbone.build_head)
+
     model = torchvision.models.resnet18(num_classes=classes)
     if width != 64:
         from torchvision.models.resnet import BasicBlock

@@ -10,7 +10,7 @@ import torch
 import torchvision
 from torch import nn
 
-from sisa.backbone import (TRAINABLE, build_parts, compute_features, describe_init, initial_weights, is_trainable,
+from sisa.backbone import (TRAINABLE, build_head, build_parts, compute_features, describe_init, initial_weights, is_trainable,
                            load_init_file, pretrain, trunk_keys)
 from sisa.config import RunConfig
 from sisa.data import load_digits
@@ -176,6 +176,20 @@ def test_trunk_then_head_is_the_full_model(digits, trainable):
         assert features.shape == expected
         torch.testing.assert_close(head.eval()(features), model(to_input(images)), rtol=1e-5, atol=1e-5)
     assert all(p.requires_grad for p in head.parameters())
+
+
+@pytest.mark.parametrize("trainable", TRAINABLE)
+@pytest.mark.parametrize("width", [64, 8])
+def test_head_built_alone_is_build_parts_head(trainable, width):
+    """What a shard job and the ensemble load a head's state into: the same modules, names and
+    shapes as the head of the split network, whichever way it is built."""
+    alone, split = build_head(*ARCH, trainable, width), build_parts(*ARCH, trainable, width=width)[1]
+    assert type(alone) is type(split) and repr(alone) == repr(split)
+    assert {k: v.shape for k, v in alone.state_dict().items()} == {k: v.shape for k, v in split.state_dict().items()}
+    alone.load_state_dict(split.state_dict())
+    x = torch.randn(3, *{"fc": (width * 8,), "layer4": (width * 4, 2, 2), "all": (1, 8, 8)}[trainable])
+    with torch.no_grad():
+        assert torch.equal(alone.eval()(x), split.eval()(x))
 
 
 @pytest.mark.parametrize("trainable", ["fc", "layer4"])

@@ -143,6 +143,22 @@ def test_sigkill_mid_forget_then_resume_leaves_nothing_of_the_sample(frozen_run)
         run.close()
 
 
+def test_an_fc_head_forget_does_not_import_torchvision(frozen_run):
+    """Retraining an fc head from a checkpoint builds one Linear, not the network: importing
+    torchvision (about 2 s of start-up on the 2-core CPU) would be most of such a forget."""
+    req = frozen_run.parent / "req.csv"
+    req.write_text(f"id\n{sample_in(frozen_run, 1, 1)}\n")
+    code = ("import sys; from typer.testing import CliRunner; from cli import app; "
+            "r = CliRunner().invoke(app, sys.argv[1:]); print(r.exit_code, 'torchvision' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code, "forget", "--ids", str(req), "--run-dir", str(frozen_run),
+                          "--device", "cpu", "--no-eval", "--json"], capture_output=True, text=True, timeout=300)
+    run = sisa.Run.open(frozen_run)
+    trainable, retrained = run.config.trainable, not run.shard_jobs() and run.index.requests()[-1].status
+    run.close()
+    assert out.returncode == 0 and retrained == "done", out.stderr
+    assert out.stdout.split()[-2:] == ["0", "True" if trainable == "layer4" else "False"], out.stdout + out.stderr
+
+
 def test_tampered_init_file_is_caught_by_the_audit(frozen_run):
     init = next(frozen_run.glob("init-*.pt"))
     data = bytearray(init.read_bytes())
