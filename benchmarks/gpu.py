@@ -3,6 +3,7 @@
     python -m benchmarks.gpu --list-stages
     python -m benchmarks.gpu --stage step --stage sisa            # one device call, ~5 min on an H100
     python -m benchmarks.gpu --stage determinism --stage compile  # a second one, ~2 min
+    python -m benchmarks.gpu --stage breakdown                    # ~2 min
     python -m benchmarks.gpu --stage concurrent                   # --jobs-per-gpu 1, 5: ~3 min
     python -m benchmarks.gpu --smoke                              # every stage, tiny, on the CPU
 
@@ -24,6 +25,10 @@ Stages (Fashion-MNIST, ResNet-18 with the 3x3 stem, batch 512 unless said):
 - determinism: `deterministic=True` against the default (training time), and whether a forget
   equals retraining the shard from scratch bit for bit on this GPU, in both modes.
 - compile: `torch.compile` of the bare step, to see whether it is worth adopting.
+- breakdown: where SISA's time over monolithic training goes, for both with the sisa stage's
+  recipe: the slice schedule's batches alone (the training loop over each shard's growing
+  prefix, nothing else), then the library's shard jobs (each slice's state also copied to the
+  host, as for its checkpoint), then the whole pipeline (checkpoints written, index).
 - concurrent: SISA training with 1 and 5 shard jobs at once on the GPU (`--jobs-per-gpu`), and 5
   with `--carry-momentum`, against monolithic training, and whether every checkpoint file is the
   same whatever the number of jobs.
@@ -38,7 +43,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from collections import deque
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -54,7 +60,7 @@ from sisa.training import train_step
 from .common import RESULTS, environment, write_results
 from .unlearning import batch_cost_model
 
-STAGES = ("step", "sisa", "determinism", "compile", "concurrent")
+STAGES = ("step", "sisa", "breakdown", "determinism", "compile", "concurrent")
 
 
 @dataclass(frozen=True)
@@ -294,6 +300,72 @@ def checkpoint_write(run: sisa.Run, folder: Path) -> dict:
             "sisa_training_total_seconds": round(seconds * S * (R - 1) + last_seconds * S, 1)}
 
 
+# --- breakdown: where SISA's time over monolithic training goes ---------------------------------------
+def schedule_only(cfg: sisa.RunConfig, job, images: torch.Tensor, labels: torch.Tensor,
+                  device: torch.device) -> torch.nn.Module:
+    """A shard job's batches and nothing else: `sisa.training`'s slice loop (each step on the
+    shard's growing prefix, its own optimiser and seeded order) without copying each slice's
+    state to the host. Returns the trained model, still on the device."""
+    from sisa.config import slice_epochs
+    from sisa.partition import derive_seed
+    from sisa.training import build_trainable, initial_state, make_optimizer, prepare
+
+    epochs = slice_epochs(cfg.slices, cfg.epochs)
+    model = build_trainable(cfg).to(device)
+    model.load_state_dict(initial_state(cfg, job.shard)["model"])
+    model = prepare(cfg, model)
+    index = torch.tensor([r for rows in job.slice_rows for r in rows], dtype=torch.long)
+    x, y = images[index].to(device), labels[index].to(device)
+    n = 0
+    for i, rows in enumerate(job.slice_rows):
+        n += len(rows)
+        gen = torch.Generator().manual_seed(derive_seed(cfg.seed, "train", job.shard, i))
+        train_step(cfg, model, make_optimizer(cfg, model), x[:n], y[:n], epochs[i], gen)
+    return model
+
+
+def stage_breakdown(st: Setting, device: torch.device, data_dir: str, work: Path) -> dict:
+    """Each level adds what the library does beyond the one before; the monolithic model goes
+    through the same levels, so each ratio is SISA's own price at that level."""
+    from sisa.config import slice_epochs
+    from sisa.training import initial_state, run_shard_job
+
+    out = {}
+    for name, cfg in (("monolithic", config(st, shards=1, slices=1)), ("sisa", config(st))):
+        run = sisa.Run.create(work / name, cfg, data_dir=data_dir)
+        cfg, jobs, train = run.config, run.shard_jobs(), run.dataset().train  # channels, classes: from the data
+        if name == "monolithic":  # warm-up: CUDA context, cuDNN and allocator, paid once
+            first = replace(jobs[0], slice_rows=[jobs[0].slice_rows[0][: 4 * st.batch]])
+            schedule_only(replace(cfg, epochs=1), first, train.images, train.labels, device)
+        epochs = slice_epochs(cfg.slices, cfg.epochs)
+        sizes = [[sum(len(r) for r in job.slice_rows[: i + 1]) for i in range(cfg.slices)] for job in jobs]
+        sample_epochs = sum(e * n for ns in sizes for e, n in zip(epochs, ns) if n >= 2)
+        steps = sum(e * -(-n // cfg.batch_size) for ns in sizes for e, n in zip(epochs, ns) if n >= 2)
+        bare, t_schedule = timed(lambda: [schedule_only(cfg, job, train.images, train.labels, device) for job in jobs], device)
+        # the library's jobs, each slice's state consumed as it comes (the last one kept)
+        library, t_jobs = timed(lambda: [deque(run_shard_job(cfg, job, initial_state(cfg, job.shard), train.images,
+                                                             train.labels, device), maxlen=1)[0].state["model"]
+                                         for job in jobs], device)
+        report, t_pipeline = timed(lambda: run.complete(str(device)), device)
+        assert report.sample_epochs == sample_epochs, (report.sample_epochs, sample_epochs)
+        out[name] = {"sample_epochs": sample_epochs, "optimizer_steps": steps,
+                     # the bare arm trains what the library trains (bit for bit on the CPU; a GPU's
+                     # default kernels need not repeat their bits)
+                     "schedule_equals_library_bits": all(torch.equal(v.cpu(), lib[k]) for m, lib in zip(bare, library)
+                                                         for k, v in m.state_dict().items()),
+                     "schedule_seconds": round(t_schedule, 2), "shard_jobs_seconds": round(t_jobs, 2),
+                     "pipeline_seconds": round(t_pipeline, 2),
+                     "pipeline_phase_seconds": {k: round(v, 3) for k, v in report.phase_seconds.items()}}
+        run.close()
+        shutil.rmtree(work / name)
+    mono, full = out["monolithic"], out["sisa"]
+    scale = mono["sample_epochs"] / full["sample_epochs"]
+    out["sisa_over_monolithic_per_sample_epoch"] = {
+        level: round(full[f"{level}_seconds"] * scale / mono[f"{level}_seconds"], 3)
+        for level in ("schedule", "shard_jobs", "pipeline")}
+    return out
+
+
 # --- determinism: its cost, and whether a forget then equals a retrain bit for bit -------------------
 def stage_determinism(st: Setting, device: torch.device, data_dir: str, work: Path) -> dict:
     from sisa.audit import audit
@@ -432,6 +504,21 @@ def markdown(res: dict) -> str:
         lines += ["", f"Ensemble prediction: {p['ensemble_images_per_s']:,} img/s over {p['images']:,} images; one "
                       f"constituent alone {p['single_model_images_per_s']:,} img/s; ensemble / (single / S) = "
                       f"**{p['ensemble_over_single_div_S']:.2f}**.", ""]
+    if s := res.get("breakdown"):
+        m, f, r = s["monolithic"], s["sisa"], s["sisa_over_monolithic_per_sample_epoch"]
+        lines += ["## Where SISA's time over monolithic training goes (the sisa stage's recipe)", "",
+                  "| level | monolithic s | SISA s | SISA / monolithic per sample-epoch |", "|---|---|---|---|",
+                  f"| the slice schedule's batches alone | {m['schedule_seconds']:.1f} | {f['schedule_seconds']:.1f} | "
+                  f"**{r['schedule']:.2f}x** |",
+                  f"| + each slice's state copied to the host (the library's shard jobs) | {m['shard_jobs_seconds']:.1f} | "
+                  f"{f['shard_jobs_seconds']:.1f} | **{r['shard_jobs']:.2f}x** |",
+                  f"| + checkpoints written, fsynced and hashed; the index (the library's `complete`) | "
+                  f"{m['pipeline_seconds']:.1f} | {f['pipeline_seconds']:.1f} | **{r['pipeline']:.2f}x** |", "",
+                  f"Sample-epochs: monolithic {m['sample_epochs']:,}, SISA {f['sample_epochs']:,}; optimiser steps "
+                  f"{m['optimizer_steps']:,} against {f['optimizer_steps']:,} ({m['sample_epochs'] / m['optimizer_steps']:.0f} "
+                  f"and {f['sample_epochs'] / f['optimizer_steps']:.0f} images per step). The bare schedule trains the "
+                  "library's bits: " + ("yes" if m["schedule_equals_library_bits"] and f["schedule_equals_library_bits"]
+                                        else "no (this device's default kernels do not repeat their bits)") + ".", ""]
     if s := res.get("determinism"):
         lines += [f"## Deterministic mode (S={s['shards']}, R={s['slices']}, {s['epochs']} epochs)", "", "| mode | train s | forget s | forget equals retrain bit for bit |",
                   "|---|---|---|---|"]
@@ -463,8 +550,8 @@ def run_stage(name: str, st: Setting, device: torch.device, data_dir: str) -> di
     with tempfile.TemporaryDirectory() as tmp:
         if name == "step":
             return stage_step(st, device, data_dir)
-        return {"sisa": stage_sisa, "determinism": stage_determinism, "compile": stage_compile,
-                "concurrent": stage_concurrent}[name](
+        return {"sisa": stage_sisa, "breakdown": stage_breakdown, "determinism": stage_determinism,
+                "compile": stage_compile, "concurrent": stage_concurrent}[name](
             st, device, data_dir, Path(tmp))
 
 

@@ -101,13 +101,13 @@ def test_gpu_benchmark_stages_run_and_merge(tmp_path):
                                "--device", "cpu"], cwd=ROOT, capture_output=True, text=True, timeout=900)
 
     listed = subprocess.run([sys.executable, "-m", "benchmarks.gpu", "--list-stages"], cwd=ROOT, capture_output=True, text=True)
-    assert listed.stdout.split() == ["step", "sisa", "determinism", "compile", "concurrent"]
+    assert listed.stdout.split() == ["step", "sisa", "breakdown", "determinism", "compile", "concurrent"]
     proc = run("step", "sisa")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    proc = run("determinism")  # a later call adds its section to the same results
+    proc = run("determinism", "breakdown")  # a later call adds its sections to the same results
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads((tmp_path / "gpu_smoke.json").read_text())
-    assert {"step", "sisa", "determinism"} <= res.keys() and "failed" not in res
+    assert {"step", "sisa", "determinism", "breakdown"} <= res.keys() and "failed" not in res
     for precision in ("fp32", "bf16"):
         assert res["step"][precision]["pipeline_images_per_s"] > 0 and res["step"][precision]["pipeline_over_bare"] > 0
     sisa_ = res["sisa"]
@@ -120,8 +120,14 @@ def test_gpu_benchmark_stages_run_and_merge(tmp_path):
     assert sisa_["checkpoint_write"]["bytes"] > 0 and sisa_["predict"]["ensemble_over_single_div_S"] > 0
     det = res["determinism"]
     assert det["deterministic"]["forget_equals_retrain"] and det["default"]["forget_equals_retrain"]  # CPU: always
+    parts = res["breakdown"]
+    for arm in ("monolithic", "sisa"):  # on the CPU the bare schedule trains the library's bits
+        assert parts[arm]["schedule_equals_library_bits"] and parts[arm]["optimizer_steps"] > 0
+    assert parts["sisa"]["sample_epochs"] == sisa_["sisa_bf16"]["sample_epochs"]
+    assert all(r > 0 for r in parts["sisa_over_monolithic_per_sample_epoch"].values())
     md = (tmp_path / "gpu_smoke.md").read_text()
     assert "loop / bare" in md and "Deterministic mode" in md and "Where a forget's wall time went" in md
+    assert "| the slice schedule's batches alone |" in md
     assert "The 2 single-id forgets, one request after another" in md
 
 
