@@ -91,9 +91,17 @@ class ShardFailure:
     shard: int
     host: str
     error: str  # one line
+    outdated: bool = False  # the job's data changed since it was planned (OutdatedJob): not a failure
 
 
 Outcome = ShardResult | ShardFailure
+
+
+class OutdatedJob(SisaError):
+    """A sample of the job was deleted after the job was planned (`sisa serve` journals requests
+    while its writer retrains), and its cached features went with it. The job is dropped; its
+    shard stays stale and the next round plans it afresh, as `Run._task` does for a deletion it
+    sees."""
 
 
 # --- the worker side ------------------------------------------------------------------------
@@ -193,6 +201,13 @@ def job_features(run_dir: Path, cfg: RunConfig, job: ShardJob) -> tuple[torch.Te
     index = Index(run_dir / "index.sqlite")
     try:
         features, labels = read_features(index, ids, cfg.feature_shape)
+    except LookupError:
+        recorded = index.content_hashes(job.shard)  # a deletion clears the hash; it is never undone
+        gone = [x for x in ids if recorded.get(x, "") is None]
+        if gone:
+            raise OutdatedJob(f"shard {job.shard}: {len(gone)} of its samples, e.g. {gone[0]!r}, were deleted "
+                              "after its job was planned") from None
+        raise
     finally:
         index.close()
     rows, start = [], 0
@@ -244,6 +259,8 @@ def _guarded(task: ShardTask, progress: Progress | None) -> Outcome:
     """run_task in a worker process: a failure comes back as a value naming shard and host."""
     try:
         return run_task(task, progress)
+    except OutdatedJob as e:
+        return ShardFailure(task.job.shard, socket.gethostname(), str(e), outdated=True)
     except Exception as e:  # noqa: BLE001: anything a job raises fails that shard, not the others
         text = str(e).splitlines()[0] if str(e) else ""
         what = text if isinstance(e, SisaError) else f"{type(e).__name__}: {text}"
@@ -275,7 +292,11 @@ class LocalExecutor:
         indexed = _index_data(data) if tasks and data is not None else None
         for task in tasks:
             # A failure propagates unchanged: the shards before it are already live.
-            yield task, run_task(replace(task, device=device), progress, indexed)
+            try:
+                outcome = run_task(replace(task, device=device), progress, indexed)
+            except OutdatedJob as e:
+                outcome = ShardFailure(task.job.shard, socket.gethostname(), str(e), outdated=True)
+            yield task, outcome
 
 
 class GpuExecutor:

@@ -423,7 +423,8 @@ class Run:
         with closing(executor.run(tasks, str(device), progress, data)) as outcomes:
             for task, outcome in outcomes:
                 if isinstance(outcome, ShardFailure):
-                    failures.append(outcome)
+                    if not outcome.outdated:  # an outdated job's shard stays stale: the next round plans it
+                        failures.append(outcome)
                     continue
                 shard = task.job.shard
                 trained = outcome.slices

@@ -159,6 +159,37 @@ def test_an_fc_head_forget_does_not_import_torchvision(frozen_run):
     assert out.stdout.split()[-2:] == ["0", "True" if trainable == "layer4" else "False"], out.stdout + out.stderr
 
 
+def test_a_request_journaled_while_a_head_job_starts_waits_for_the_next_round(frozen_run, monkeypatch):
+    """`sisa serve` journals requests while its writer retrains. One landing after a shard's job
+    was planned but before it read its cached features (gone with the deleted sample) failed the
+    whole batch and reported its requests failed; now that job waits for the next round."""
+    import sisa.executors as executors
+
+    run = sisa.Run.open(frozen_run)
+    a, b = [x for ids in run.retained(0)[1] for x in ids][:2]
+    run.record_request(ids=[a])
+    read = executors.job_features
+    journaled = []
+
+    def job_features(run_dir, cfg, job):
+        if not journaled:  # a /forget handler, just as the writer's job starts
+            other = sisa.Run.open(frozen_run)
+            journaled.append(other.record_request(ids=[b]))
+            other.close()
+        return read(run_dir, cfg, job)
+
+    monkeypatch.setattr(executors, "job_features", job_features)
+    first = run.complete()
+    assert journaled and 0 not in first.shards_retrained and [j.shard for j in run.shard_jobs()] == [0]
+    monkeypatch.setattr(executors, "job_features", read)
+    second = run.complete()
+    assert second.shards_retrained == [0] and not run.shard_jobs()
+    assert len(run.finish_requests()) == 2
+    report = audit(run, retrain=[0])
+    assert report.ok, report.failures
+    run.close()
+
+
 def test_tampered_init_file_is_caught_by_the_audit(frozen_run):
     init = next(frozen_run.glob("init-*.pt"))
     data = bytearray(init.read_bytes())
