@@ -182,12 +182,21 @@ def split_rows(index: Index, split: str) -> tuple[list[str], list[int]]:
 
 
 def rows_to_zero(index: Index) -> list[int]:
-    """Training rows of deleted samples whose pixels are not yet known to be zeros."""
-    with index.transaction() as s:
-        q = (select(ImageRow.row).join(Sample, Sample.id == ImageRow.id)
-             .where(ImageRow.split == "train", Sample.status == DELETED, ImageRow.zeroed.is_(False))
-             .order_by(ImageRow.row))
-        return list(s.scalars(q))
+    """Training rows of deleted samples whose pixels are not yet known to be zeros.
+
+    Every request runs this as it is journaled (`sisa serve`: every /forget), so it starts from
+    the deleted samples, found through the index on request_id (which every deletion sets, and
+    which starts at 1), and looks their rows up by id. SQLite's own plan walked every row of the
+    cache instead: 0.05 s per request at 50,000 rows. CROSS JOIN keeps the join order."""
+    sql = ("SELECT image_rows.row FROM samples CROSS JOIN image_rows ON image_rows.id = samples.id "
+           "WHERE samples.request_id > 0 AND samples.status = ? AND image_rows.split = 'train' "
+           "AND image_rows.zeroed = 0 ORDER BY image_rows.row")
+    with index.transaction() as s:  # the driver's cursor: SQLAlchemy has no CROSS JOIN for SQLite
+        cursor = s.connection().connection.cursor()
+        try:
+            return [r for (r,) in cursor.execute(sql, (DELETED,))]
+        finally:
+            cursor.close()
 
 
 def zero_rows(run_dir: Path, cache: ImageCache, rows: Iterable[int]) -> None:

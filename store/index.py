@@ -14,8 +14,8 @@ from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
-from sqlalchemy import (Column, ForeignKey, Index as SqlIndex, MetaData, String, Table, create_engine, event, func,
-                        select, text, update)
+from sqlalchemy import (Column, ForeignKey, Index as SqlIndex, MetaData, String, Table, create_engine, event, exists,
+                        func, select, text, update)
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 ACTIVE, DELETED = "active", "deleted"
@@ -237,7 +237,8 @@ class Index:
             conn.execute(_request_keys.delete())
             for chunk in _chunks(keys, 10_000):
                 conn.execute(_request_keys.insert().prefix_with("OR IGNORE"), [{"key": k} for k in chunk])
-            unknown = select(_request_keys.c.key).where(_request_keys.c.key.not_in(select(col).where(col.is_not(None))))
+            # one index lookup per key (NOT IN would first list every sample's id or owner)
+            unknown = select(_request_keys.c.key).where(~exists().where(col == _request_keys.c.key))
             n_missing = conn.execute(select(func.count()).select_from(unknown.subquery())).scalar_one()
             if n_missing and not ignore_missing:
                 raise MissingKeys(n_missing, list(conn.execute(unknown.limit(5)).scalars()))
@@ -256,7 +257,8 @@ class Index:
                          {"r": req.id})
             # ... and what the image cache recorded of their source files; their cached pixels are
             # zeroed right after this commits (sisa.imagecache.scrub), before any retraining.
-            conn.execute(text("UPDATE image_rows SET size = NULL, mtime_ns = NULL, sha256 = NULL WHERE split = 'train' "
+            # (`+split`: look the rows up by id; SQLite's own plan walked every training row)
+            conn.execute(text("UPDATE image_rows SET size = NULL, mtime_ns = NULL, sha256 = NULL WHERE +split = 'train' "
                               "AND id IN (SELECT id FROM samples WHERE request_id = :r)"), {"r": req.id})
             conn.execute(_request_keys.delete())
         return req, n_missing
