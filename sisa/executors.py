@@ -93,6 +93,10 @@ class ShardFailure:
     error: str  # one line
     outdated: bool = False  # the job's data changed since it was planned (OutdatedJob): not a failure
 
+    @classmethod
+    def of_outdated(cls, task: "ShardTask", e: "OutdatedJob") -> "ShardFailure":
+        return cls(task.job.shard, socket.gethostname(), str(e), outdated=True)
+
 
 Outcome = ShardResult | ShardFailure
 
@@ -260,7 +264,7 @@ def _guarded(task: ShardTask, progress: Progress | None) -> Outcome:
     try:
         return run_task(task, progress)
     except OutdatedJob as e:
-        return ShardFailure(task.job.shard, socket.gethostname(), str(e), outdated=True)
+        return ShardFailure.of_outdated(task, e)
     except Exception as e:  # noqa: BLE001: anything a job raises fails that shard, not the others
         text = str(e).splitlines()[0] if str(e) else ""
         what = text if isinstance(e, SisaError) else f"{type(e).__name__}: {text}"
@@ -295,7 +299,7 @@ class LocalExecutor:
             try:
                 outcome = run_task(replace(task, device=device), progress, indexed)
             except OutdatedJob as e:
-                outcome = ShardFailure(task.job.shard, socket.gethostname(), str(e), outdated=True)
+                outcome = ShardFailure.of_outdated(task, e)
             yield task, outcome
 
 
