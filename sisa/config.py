@@ -31,6 +31,13 @@ class RunConfig:
     init_sha256: str = ""  # sha256 of the init weights file; "" draws every weight from the seed
     # optimiser: SGD with Nesterov momentum; per slice, lr warms up linearly then decays to 0
     batch_size: int = 64
+    # How an epoch is cut into batches. "split": ceil(n / batch_size) near-equal batches, every
+    # sample once. "full": batches of exactly batch_size, an epoch's incomplete last batch left out
+    # (each epoch's order is random, so which samples sit out changes), fewer than batch_size
+    # samples making one batch. On a GPU every new batch shape costs cuDNN a plan for each
+    # convolution; with "split" every slice step, and every forget (one sample shorter), brings
+    # new shapes, with "full" a whole run has one (benchmarks/gpu.py measures both).
+    batching: str = "split"
     lr: float = 0.05  # peak learning rate
     momentum: float = 0.9
     weight_decay: float = 5e-4
@@ -106,6 +113,8 @@ class RunConfig:
             raise UsageError(f"--image-size must be N or HxW with positive sizes, got {self.resize}")
         if self.crop_pad < 0:
             raise UsageError(f"crop padding must be >= 0, got {self.crop_pad}")
+        if self.batching not in BATCHINGS:
+            raise UsageError(f"--batching must be one of {', '.join(BATCHINGS)}, got {self.batching!r}")
         if self.precision not in PRECISIONS:
             raise UsageError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.trainable not in ("all", "layer4", "fc"):
@@ -116,10 +125,11 @@ class RunConfig:
 
 
 PRECISIONS = ("fp32", "bf16")
+BATCHINGS = ("split", "full")
 # Fields added after runs existed, with the value those runs had: left out of the config hash at
 # that value, and what a recorded configuration without the field means.
 LEGACY = {"width": 64, "trainable": "all", "init_sha256": "", "precision": "fp32", "deterministic": False,
-          "resize": (), "reset_momentum": False}
+          "resize": (), "reset_momentum": False, "batching": "split"}
 
 
 def parse_image_size(text: str | int | tuple) -> tuple[int, int]:
@@ -156,3 +166,20 @@ def slice_epochs(slices: int, epochs: int) -> list[int]:
     total = max(slices, round(2 * slices / (slices + 1) * epochs))
     base, extra = divmod(total, slices)
     return [base + (1 if i >= slices - extra else 0) for i in range(slices)]
+
+
+def epoch_batches(n: int, batch_size: int, batching: str = "split") -> list[int]:
+    """The sizes of one epoch's consecutive batches over n samples in random order (see
+    RunConfig.batching); their sum is the samples the epoch trains on."""
+    if batching == "full" and n >= batch_size:
+        return [batch_size] * (n // batch_size)
+    k = -(-n // batch_size)
+    base, extra = divmod(n, k) if k else (0, 0)
+    return [base + 1] * extra + [base] * (k - extra)  # torch.tensor_split's sizes: the larger first
+
+
+def step_sample_epochs(cfg: RunConfig, n: int, epochs: int) -> int:
+    """Samples a slice step over n samples trains on, summed over its epochs: the work a forget's
+    cost and a run's receipts count. Fewer than 2 samples train nothing (batch norm cannot
+    train on one)."""
+    return epochs * sum(epoch_batches(n, cfg.batch_size, cfg.batching)) if n >= 2 else 0

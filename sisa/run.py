@@ -40,7 +40,7 @@ from store.images import caches, mark_zeroed, record as record_images, rows_to_z
 from store.index import (ACTIVE, DELETED, DONE, PENDING, RETRAINING, Addition, Checkpoint, Index, MissingKeys,
                          Replacement, Request, RunRow, Sample, utcnow)
 
-from .config import AUGMENT_DEFAULTS, RunConfig, slice_epochs
+from .config import AUGMENT_DEFAULTS, RunConfig, slice_epochs, step_sample_epochs
 from .errors import ConflictError, IntegrityError, SisaError, UsageError
 from .faults import fault_point
 from .partition import ShardJob, partition
@@ -374,7 +374,7 @@ class Run:
             prefix = 0
             for i in range(self.config.slices):
                 prefix += counts.get((shard, i), 0)
-                total += epochs[i] * prefix if prefix >= 2 else 0
+                total += step_sample_epochs(self.config, prefix, epochs[i])
         return total
 
     # --- the one operation that writes checkpoints ------------------------------------

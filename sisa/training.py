@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import math
 import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -22,7 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .config import RunConfig, slice_epochs
+from .config import RunConfig, epoch_batches, slice_epochs, step_sample_epochs
 from .faults import fault_point
 from .model import build_model, to_input
 from .partition import ShardJob, derive_seed  # noqa: F401  (ShardJob re-exported)
@@ -159,21 +158,20 @@ def prepare(cfg: RunConfig, model: torch.nn.Module) -> torch.nn.Module:
 def train_step(cfg: RunConfig, model: torch.nn.Module, opt: torch.optim.Optimizer,
                images: torch.Tensor, labels: torch.Tensor, epochs: int, gen: torch.Generator,
                on_batch: Callable[[int], None] | None = None) -> None:
-    """`epochs` passes over (images, labels). Batches are near-equal splits of a random order,
-    so no batch has a single sample (batch norm cannot train on one)."""
-    n = len(labels)
-    n_batches = math.ceil(n / cfg.batch_size)
-    total = epochs * n_batches
+    """`epochs` passes over (images, labels), each in a fresh random order cut into batches as
+    `cfg.batching` says (config.epoch_batches): no batch of a single sample either way (batch
+    norm cannot train on one), with "full" an epoch's last incomplete batch sits out."""
+    sizes = epoch_batches(len(labels), cfg.batch_size, cfg.batching)
+    total = epochs * len(sizes)
     model.train()
     seen = 0
     for epoch in range(epochs):
-        order = torch.randperm(n, generator=gen)
+        order = torch.randperm(len(labels), generator=gen)[: sum(sizes)]
         x_epoch = augment(images[order.to(images.device)], cfg.crop_pad, cfg.flip, gen)
         y_epoch = labels[order.to(labels.device)]
-        for b, (xb, yb) in enumerate(zip(torch.tensor_split(x_epoch, n_batches),
-                                         torch.tensor_split(y_epoch, n_batches))):
+        for b, (xb, yb) in enumerate(zip(x_epoch.split(sizes), y_epoch.split(sizes))):
             for group in opt.param_groups:
-                group["lr"] = lr_at(cfg, epoch * n_batches + b, total)
+                group["lr"] = lr_at(cfg, epoch * len(sizes) + b, total)
             inputs = to_input(xb) if xb.dtype == torch.uint8 else xb  # images, or a frozen trunk's features
             loss = F.cross_entropy(forward(cfg, model, inputs), yb, label_smoothing=cfg.label_smoothing)
             opt.zero_grad(set_to_none=True)
@@ -210,7 +208,7 @@ def _run_shard_job(cfg, job, state, images, labels, device, progress):
         if state["optimizer"] is not None:
             opt.load_state_dict(_cpu_copy(state["optimizer"]) if device.type == "cpu" else state["optimizer"])
     sizes = [sum(len(s) for s in job.slice_rows[: i + 1]) for i in range(cfg.slices)]
-    total = sum(epochs[i] * sizes[i] for i in range(job.start, cfg.slices) if sizes[i] >= 2)
+    total = sum(step_sample_epochs(cfg, sizes[i], epochs[i]) for i in range(job.start, cfg.slices))
     # Step i trains on slices 0..i, a prefix of the shard's rows in slice order: the shard's data
     # goes to the device once, and each step takes a prefix of it (a view, no copy).
     index = torch.tensor([r for s in job.slice_rows for r in s], dtype=torch.long)
@@ -226,7 +224,7 @@ def _run_shard_job(cfg, job, state, images, labels, device, progress):
             gen = torch.Generator().manual_seed(derive_seed(cfg.seed, "train", job.shard, i))
             train_step(cfg, model, opt, shard_images[:n], shard_labels[:n], epochs[i], gen,
                        (lambda k, i=i, before=done: progress(job.shard, i, before + k, total)) if progress else None)
-            trained = epochs[i] * n
+            trained = step_sample_epochs(cfg, n, epochs[i])
             done += trained
         elif progress:
             progress(job.shard, i, done, total)

@@ -4,7 +4,7 @@ import collections
 
 import pytest
 
-from sisa.config import RunConfig, slice_epochs
+from sisa.config import RunConfig, epoch_batches, slice_epochs, step_sample_epochs
 from sisa.errors import UsageError
 from sisa.partition import derive_seed, partition
 
@@ -50,7 +50,37 @@ def test_config_hash_covers_training_fields_only():
     assert RunConfig.from_json(a.to_json()) == a
 
 
-@pytest.mark.parametrize("field,value", [("shards", 0), ("slices", 0), ("epochs", 0), ("batch_size", 0), ("lr", 0.0)])
+@pytest.mark.parametrize("field,value", [("shards", 0), ("slices", 0), ("epochs", 0), ("batch_size", 0), ("lr", 0.0),
+                                         ("batching", "drop_last")])
 def test_config_rejects_nonsense(field, value):
     with pytest.raises(UsageError):
         RunConfig(**{field: value}).validate()
+
+
+def test_epoch_batches_split_near_equal_or_full_of_one_shape():
+    import torch
+
+    shapes = {"split": set(), "full": set()}
+    for n in range(2, 700):
+        split, full = epoch_batches(n, 64, "split"), epoch_batches(n, 64, "full")
+        # split: every sample once, in the batches torch.tensor_split cuts (what training always used)
+        assert sum(split) == n and split == [len(c) for c in torch.tensor_split(torch.arange(n), -(-n // 64))]
+        assert max(split) <= 64 and max(split) - min(split) <= 1 and min(split) >= 2
+        # full: batches of exactly 64, fewer than 64 samples sitting out; below 64, one batch of all
+        assert full == ([64] * (n // 64) if n >= 64 else [n])
+        shapes["split"] |= set(split)
+        shapes["full"] |= set(full) if n >= 64 else set()
+    assert shapes["full"] == {64} and len(shapes["split"]) > 30
+    cfg = RunConfig(batch_size=64, batching="full")
+    assert step_sample_epochs(cfg, 200, 3) == 3 * 192 and step_sample_epochs(cfg, 1, 3) == 0
+    assert step_sample_epochs(RunConfig(batch_size=64), 200, 3) == 600
+
+
+def test_batching_is_part_of_the_recipe_and_older_runs_keep_their_hash():
+    import json
+
+    split, full = RunConfig(dataset="digits"), RunConfig(dataset="digits", batching="full")
+    assert "batching" not in split.training_fields() and full.config_hash != split.config_hash
+    recorded = json.loads(split.to_json())
+    del recorded["batching"]  # a run recorded before the field existed
+    assert RunConfig.from_json(json.dumps(recorded)) == split

@@ -79,12 +79,14 @@ def test_cli_records_precision_and_determinism(digits_manifest, tmp_path):
     run_dir = tmp_path / "run"
     res = CliRunner().invoke(app, ["train", "--dataset", str(train_csv), "--test-manifest", str(test_csv),
                                    "--shards", "2", "--slices", "1", "--epochs", "1", "--width", "8",
-                                   "--deterministic", "--reset-momentum", "--run-dir", str(run_dir), "--device", "cpu", "--json"])
+                                   "--deterministic", "--reset-momentum", "--batching", "full", "--run-dir", str(run_dir),
+                                   "--device", "cpu", "--json"])
     assert res.exit_code == 0, res.output
     status = json.loads(CliRunner().invoke(app, ["status", "--run-dir", str(run_dir), "--json"]).stdout)
     assert status["config"]["deterministic"] is True and status["config"]["reset_momentum"] is True
+    assert status["config"]["batching"] == "full"
     assert status["config"]["precision"] == "fp32"  # auto on a CPU
-    assert "resnet18, fp32, deterministic, momentum reset per slice, seed 0" in CliRunner().invoke(app, ["status", "--run-dir", str(run_dir)]).stdout
+    assert "resnet18, fp32, deterministic, momentum reset per slice, full batches, seed 0" in CliRunner().invoke(app, ["status", "--run-dir", str(run_dir)]).stdout
     carried = tmp_path / "carried"
     res = CliRunner().invoke(app, ["train", "--dataset", str(train_csv), "--shards", "2", "--slices", "1", "--epochs", "1",
                                    "--width", "8", "--carry-momentum", "--run-dir", str(carried), "--device", "cpu", "--no-eval"])
@@ -95,9 +97,42 @@ def test_cli_records_precision_and_determinism(digits_manifest, tmp_path):
     res = CliRunner().invoke(app, ["train", "--dataset", str(train_csv), "--precision", "fp16",
                                    "--run-dir", str(tmp_path / "other")])
     assert res.exit_code == 2 and "--precision must be one of fp32, bf16" in res.output
+    res = CliRunner().invoke(app, ["train", "--dataset", str(train_csv), "--batching", "ragged",
+                                   "--run-dir", str(tmp_path / "other")])
+    assert res.exit_code == 2 and "--batching must be one of split, full, got 'ragged'" in res.output
     assert not (tmp_path / "other").exists()
     res = CliRunner().invoke(app, ["audit", "--run-dir", str(run_dir), "--retrain", "1", "--device", "cpu"])
     assert res.exit_code == 0, res.output
+
+
+def test_full_batches_train_one_batch_shape_and_forget_exactly(digits_manifest, tmp_path, monkeypatch):
+    """--batching full: every training batch of exactly the batch size (what spares a GPU a cuDNN
+    plan per new shape), fewer sample-epochs than split by the left-out tails, and exact: a forget
+    equals retraining from scratch. Split, on the same data, makes many shapes."""
+    import sisa.training
+
+    train_csv, _ = digits_manifest
+    seen = []
+    plain = sisa.training.forward
+    monkeypatch.setattr(sisa.training, "forward", lambda cfg, model, x: seen.append(len(x)) or plain(cfg, model, x))
+    runs = {}
+    for batching in ("split", "full"):
+        seen.clear()
+        runs[batching] = sisa.train(tmp_path / batching, small_config(train_csv, shards=2, slices=3, epochs=2,
+                                                                       batching=batching))
+        runs[batching].shapes = set(seen)
+    split, full = runs["split"], runs["full"]
+    assert full.shapes == {16} and len(split.shapes) > 3
+    assert full.status()["config"]["batching"] == "full"
+    ck = {name: run.index.checkpoints()[(0, 2)] for name, run in runs.items()}
+    prefix, epochs = sum(len(ids) for ids in full.retained(0)[1]), sisa.slice_epochs(3, 2)[2]
+    assert prefix % 16 != 0  # so a tail sits out of every epoch
+    assert (ck["split"].sample_epochs, ck["full"].sample_epochs) == (epochs * prefix, epochs * (prefix - prefix % 16))
+    full.forget(ids=[full.retained(1)[1][1][0]])  # shard 1, slice 1
+    report = audit(full, retrain=[0, 1])
+    assert report.ok, report.failures
+    for run in runs.values():
+        run.close()
 
 
 def test_momentum_reset_by_default_or_carried_both_forget_exactly(digits_manifest, tmp_path):
