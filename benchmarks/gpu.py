@@ -3,8 +3,8 @@
     python -m benchmarks.gpu --list-stages
     python -m benchmarks.gpu --stage step --stage sisa            # one device call, ~5 min on an H100
     python -m benchmarks.gpu --stage determinism --stage compile  # a second one, ~2 min
-    python -m benchmarks.gpu --stage breakdown                    # ~2 min
-    python -m benchmarks.gpu --stage concurrent                   # --jobs-per-gpu 1, 5: ~3 min
+    python -m benchmarks.gpu --stage breakdown                    # ~3 min
+    python -m benchmarks.gpu --stage concurrent                   # --jobs-per-gpu 1, 5: ~4 min
     python -m benchmarks.gpu --smoke                              # every stage, tiny, on the CPU
 
 Each stage runs in its own process (no backend switch or cuBLAS setting leaks from one into the
@@ -21,17 +21,19 @@ Stages (Fashion-MNIST, ResNet-18 with the 3x3 stem, batch 512 unless said):
   hashed); accuracy of both, and of monolithic fp32 against bf16; forgets of single random ids
   (4 requests, one after another; their mean against the cost model) and of 8 in one request,
   against monolithic retraining and the SISA cost model; ensemble prediction against S times
-  bare single-model inference.
+  bare single-model inference. Beside the default: SISA with `--carry-momentum` (one forget)
+  and with `--batching full` (the same single-id forgets).
 - determinism: `deterministic=True` against the default (training time), and whether a forget
   equals retraining the shard from scratch bit for bit on this GPU, in both modes.
 - compile: `torch.compile` of the bare step, to see whether it is worth adopting.
 - breakdown: where SISA's time over monolithic training goes, for both with the sisa stage's
-  recipe: the slice schedule's batches alone (the training loop over each shard's growing
-  prefix, nothing else), then the library's shard jobs (each slice's state also copied to the
-  host, as for its checkpoint), then the whole pipeline (checkpoints written, index).
+  recipe (SISA also with `--batching full`): the slice schedule's batches alone (the training
+  loop over each shard's growing prefix, nothing else), then the library's shard jobs (each
+  slice's state also copied to the host, as for its checkpoint), then the whole pipeline
+  (checkpoints written, index); and what a step at a batch size not seen before costs.
 - concurrent: SISA training with 1 and 5 shard jobs at once on the GPU (`--jobs-per-gpu`), and 5
-  with `--carry-momentum`, against monolithic training, and whether every checkpoint file is the
-  same whatever the number of jobs.
+  with `--carry-momentum` and with `--batching full`, against monolithic training, and whether
+  every checkpoint file is the same whatever the number of jobs.
 """
 from __future__ import annotations
 
@@ -198,44 +200,20 @@ def stage_sisa(st: Setting, device: torch.device, data_dir: str, work: Path) -> 
     shutil.rmtree(work / "mono32")
     run, out["sisa_bf16"] = train_run(work / "sisa", config(st), device, data_dir)
     out["checkpoint_write"] = checkpoint_write(run, work / "ckpt-probe")
-    mono, full = out["monolithic_bf16"], out["sisa_bf16"]
-    out["sisa_over_monolithic_time"] = round(full["seconds"] / mono["seconds"], 3)
+    mono, default = out["monolithic_bf16"], out["sisa_bf16"]
+    out["sisa_over_monolithic_time"] = round(default["seconds"] / mono["seconds"], 3)
     out["sisa_over_monolithic_per_sample_epoch"] = round(
-        full["seconds_per_million_sample_epochs"] / mono["seconds_per_million_sample_epochs"], 3)
+        default["seconds_per_million_sample_epochs"] / mono["seconds_per_million_sample_epochs"], 3)
 
     # forgets: single ids one request after another, then 8 others in one request, each against
     # retraining the monolithic model. The cost model is an expectation over where a deleted sample
     # sits (one draw in slice 0 costs a whole shard, one in the last slice a tenth of it), so the
     # single-id figure it is held against is the mean over several draws.
-    S, R = st.shards, st.slices
     rng = np.random.default_rng(1)
     n = len(run.dataset().train)
     ids = [run.dataset().train.ids[i] for i in rng.choice(n, st.single_forgets + 8, replace=False)]
     singles, eight = ids[: st.single_forgets], ids[st.single_forgets:]
-    one_fraction = (1 / S) * (2 / 3 + 1 / (3 * R))
-    out["forgets"] = []
-    for batch, model_fraction in [([x], one_fraction) for x in singles] + [(eight, batch_cost_model(S, R, 8))]:
-        rep, t = timed(lambda b=batch: run.forget(ids=b, device=str(device)), device)
-        realised = rep.sample_epochs / rep.full_sample_epochs
-        out["forgets"].append({
-            "ids": len(batch), "seconds": round(t, 2), "phase_seconds": {k: round(v, 3) for k, v in rep.phase_seconds.items()},
-            "slices_retrained": {str(k): v for k, v in rep.slices_retrained.items()},
-            "sample_epoch_fraction": round(realised, 4), "cost_model_fraction": round(model_fraction, 4),
-            "speedup_over_monolithic_retrain": round(mono["seconds"] / t, 2),
-            # what the cost model predicts for this request: monolithic sample-epochs over the forget's
-            "predicted_speedup_cost_model": round(mono["sample_epochs"] / (model_fraction * rep.full_sample_epochs), 2),
-            "predicted_speedup_realised_draw": round(mono["sample_epochs"] / max(1, rep.sample_epochs), 2)})
-        f = out["forgets"][-1]
-        f["measured_over_predicted_realised"] = round(f["speedup_over_monolithic_retrain"] / f["predicted_speedup_realised_draw"], 3)
-        f["measured_over_predicted_cost_model"] = round(f["speedup_over_monolithic_retrain"] / f["predicted_speedup_cost_model"], 3)
-    ones = [f for f in out["forgets"] if f["ids"] == 1]
-    mean_s = sum(f["seconds"] for f in ones) / len(ones)
-    mean_fraction = sum(f["sample_epoch_fraction"] for f in ones) / len(ones)
-    out["forget_1_mean"] = {
-        "requests": len(ones), "seconds": round(mean_s, 2), "sample_epoch_fraction": round(mean_fraction, 4),
-        "speedup_over_monolithic_retrain": round(mono["seconds"] / mean_s, 2),
-        "predicted_speedup_cost_model": ones[0]["predicted_speedup_cost_model"],
-        "measured_over_predicted_cost_model": round(mono["seconds"] / mean_s / ones[0]["predicted_speedup_cost_model"], 3)}
+    out["forgets"], out["forget_1_mean"] = forget_requests(st, run, [[x] for x in singles] + [eight], mono, device)
 
     # prediction: the ensemble (S models, one call) against bare single-model inference, same images
     ens = sisa.Ensemble.load(run.dir, device=device)
@@ -270,7 +248,47 @@ def stage_sisa(st: Setting, device: torch.device, data_dir: str, work: Path) -> 
     out["carried_momentum_over_monolithic_per_sample_epoch"] = round(
         out["sisa_bf16_carried_momentum"]["seconds_per_million_sample_epochs"] / mono["seconds_per_million_sample_epochs"], 3)
     carry.close()
+
+    # The same training with `--batching full`: one batch shape for the whole run, where the
+    # default's near-equal batches make new ones at every slice step and every forget (each a cuDNN
+    # plan per convolution; the breakdown stage times one). The same single-id draws.
+    full_run, arm = train_run(work / "full", config(st, batching="full"), device, data_dir)
+    arm["forgets"], arm["forget_1_mean"] = forget_requests(st, full_run, [[x] for x in singles], mono, device)
+    out["sisa_bf16_full_batches"] = arm
+    out["full_batches_over_monolithic_per_sample_epoch"] = round(
+        arm["seconds_per_million_sample_epochs"] / mono["seconds_per_million_sample_epochs"], 3)
+    full_run.close()
     return out
+
+
+def forget_requests(st: Setting, run: sisa.Run, requests: list[list[str]], mono: dict, device: torch.device) -> tuple[list, dict]:
+    """Each request forgotten in turn, against retraining the monolithic run `mono` and the SISA
+    cost model; and the mean of the single-id requests."""
+    S, R = st.shards, st.slices
+    one_fraction = (1 / S) * (2 / 3 + 1 / (3 * R))
+    forgets = []
+    for batch in requests:
+        model_fraction = one_fraction if len(batch) == 1 else batch_cost_model(S, R, len(batch))
+        rep, t = timed(lambda b=batch: run.forget(ids=b, device=str(device)), device)
+        realised = rep.sample_epochs / rep.full_sample_epochs
+        f = {"ids": len(batch), "seconds": round(t, 2), "phase_seconds": {k: round(v, 3) for k, v in rep.phase_seconds.items()},
+             "slices_retrained": {str(k): v for k, v in rep.slices_retrained.items()},
+             "sample_epoch_fraction": round(realised, 4), "cost_model_fraction": round(model_fraction, 4),
+             "speedup_over_monolithic_retrain": round(mono["seconds"] / t, 2),
+             # what the cost model predicts for this request: monolithic sample-epochs over the forget's
+             "predicted_speedup_cost_model": round(mono["sample_epochs"] / (model_fraction * rep.full_sample_epochs), 2),
+             "predicted_speedup_realised_draw": round(mono["sample_epochs"] / max(1, rep.sample_epochs), 2)}
+        f["measured_over_predicted_realised"] = round(f["speedup_over_monolithic_retrain"] / f["predicted_speedup_realised_draw"], 3)
+        f["measured_over_predicted_cost_model"] = round(f["speedup_over_monolithic_retrain"] / f["predicted_speedup_cost_model"], 3)
+        forgets.append(f)
+    ones = [f for f in forgets if f["ids"] == 1]
+    mean_s = sum(f["seconds"] for f in ones) / len(ones)
+    mean = {"requests": len(ones), "seconds": round(mean_s, 2),
+            "sample_epoch_fraction": round(sum(f["sample_epoch_fraction"] for f in ones) / len(ones), 4),
+            "speedup_over_monolithic_retrain": round(mono["seconds"] / mean_s, 2),
+            "predicted_speedup_cost_model": ones[0]["predicted_speedup_cost_model"],
+            "measured_over_predicted_cost_model": round(mono["seconds"] / mean_s / ones[0]["predicted_speedup_cost_model"], 3)}
+    return forgets, mean
 
 
 def checkpoint_write(run: sisa.Run, folder: Path) -> dict:
@@ -326,12 +344,15 @@ def schedule_only(cfg: sisa.RunConfig, job, images: torch.Tensor, labels: torch.
 
 def stage_breakdown(st: Setting, device: torch.device, data_dir: str, work: Path) -> dict:
     """Each level adds what the library does beyond the one before; the monolithic model goes
-    through the same levels, so each ratio is SISA's own price at that level."""
-    from sisa.config import slice_epochs
+    through the same levels, so each ratio is SISA's own price at that level. SISA runs with
+    both batchings: the default's near-equal batches make new batch shapes at every slice step,
+    `--batching full` one for the whole run; `cold_shape` times what a new shape costs a step."""
+    from sisa.config import epoch_batches, slice_epochs, step_sample_epochs
     from sisa.training import initial_state, run_shard_job
 
-    out = {}
-    for name, cfg in (("monolithic", config(st, shards=1, slices=1)), ("sisa", config(st))):
+    out = {"cold_shape": cold_shape(st, device, data_dir)}
+    recipes = (("monolithic", config(st, shards=1, slices=1)), ("sisa", config(st)), ("sisa_full", config(st, batching="full")))
+    for name, cfg in recipes:
         run = sisa.Run.create(work / name, cfg, data_dir=data_dir)
         cfg, jobs, train = run.config, run.shard_jobs(), run.dataset().train  # channels, classes: from the data
         if name == "monolithic":  # warm-up: CUDA context, cuDNN and allocator, paid once
@@ -339,8 +360,8 @@ def stage_breakdown(st: Setting, device: torch.device, data_dir: str, work: Path
             schedule_only(replace(cfg, epochs=1), first, train.images, train.labels, device)
         epochs = slice_epochs(cfg.slices, cfg.epochs)
         sizes = [[sum(len(r) for r in job.slice_rows[: i + 1]) for i in range(cfg.slices)] for job in jobs]
-        sample_epochs = sum(e * n for ns in sizes for e, n in zip(epochs, ns) if n >= 2)
-        steps = sum(e * -(-n // cfg.batch_size) for ns in sizes for e, n in zip(epochs, ns) if n >= 2)
+        steps = [(e, epoch_batches(n, cfg.batch_size, cfg.batching)) for ns in sizes for e, n in zip(epochs, ns) if n >= 2]
+        sample_epochs = sum(step_sample_epochs(cfg, n, e) for ns in sizes for e, n in zip(epochs, ns))
         bare, t_schedule = timed(lambda: [schedule_only(cfg, job, train.images, train.labels, device) for job in jobs], device)
         # the library's jobs, each slice's state consumed as it comes (the last one kept)
         library, t_jobs = timed(lambda: [deque(run_shard_job(cfg, job, initial_state(cfg, job.shard), train.images,
@@ -348,7 +369,9 @@ def stage_breakdown(st: Setting, device: torch.device, data_dir: str, work: Path
                                          for job in jobs], device)
         report, t_pipeline = timed(lambda: run.complete(str(device)), device)
         assert report.sample_epochs == sample_epochs, (report.sample_epochs, sample_epochs)
-        out[name] = {"sample_epochs": sample_epochs, "optimizer_steps": steps,
+        out[name] = {"batching": cfg.batching, "sample_epochs": sample_epochs,
+                     "optimizer_steps": sum(e * len(b) for e, b in steps),
+                     "batch_shapes": len({size for _, b in steps for size in b}),
                      # the bare arm trains what the library trains (bit for bit on the CPU; a GPU's
                      # default kernels need not repeat their bits)
                      "schedule_equals_library_bits": all(torch.equal(v.cpu(), lib[k]) for m, lib in zip(bare, library)
@@ -358,12 +381,44 @@ def stage_breakdown(st: Setting, device: torch.device, data_dir: str, work: Path
                      "pipeline_phase_seconds": {k: round(v, 3) for k, v in report.phase_seconds.items()}}
         run.close()
         shutil.rmtree(work / name)
-    mono, full = out["monolithic"], out["sisa"]
-    scale = mono["sample_epochs"] / full["sample_epochs"]
-    out["sisa_over_monolithic_per_sample_epoch"] = {
-        level: round(full[f"{level}_seconds"] * scale / mono[f"{level}_seconds"], 3)
-        for level in ("schedule", "shard_jobs", "pipeline")}
+    mono = out["monolithic"]
+    for name in ("sisa", "sisa_full"):
+        scale = mono["sample_epochs"] / out[name]["sample_epochs"]
+        out[f"{name}_over_monolithic_per_sample_epoch"] = {
+            level: round(out[name][f"{level}_seconds"] * scale / mono[f"{level}_seconds"], 3)
+            for level in ("schedule", "shard_jobs", "pipeline")}
     return out
+
+
+def cold_shape(st: Setting, device: torch.device, data_dir: str, shapes: int = 12) -> dict:
+    """Milliseconds a training step takes at a batch size it has not seen (cuDNN builds a plan
+    for every convolution, forward and backward) against the same sizes again, and against the
+    batch size it trains at; the library's bf16 step, its numerics (no autotuning)."""
+    from sisa.training import forward, make_optimizer, numerics, prepare
+
+    cfg = config(st)
+    shape = tuple(load_dataset(st.dataset, data_dir).train.images.shape[1:])
+    sizes = [st.batch - 1 - k for k in range(shapes)]
+    with numerics(cfg, device):
+        torch.manual_seed(0)
+        model = prepare(cfg, build_model("resnet18", shape[0], 10, st.width).to(device))
+        opt = make_optimizer(cfg, model)
+        x, y = torch.randn(st.batch, *shape, device=device), torch.randint(0, 10, (st.batch,), device=device)
+
+        def step(b: int) -> None:
+            loss = F.cross_entropy(forward(cfg, model, x[:b]), y[:b])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+        for _ in range(5):
+            step(st.batch)
+        cold = [timed(lambda b=b: step(b), device)[1] for b in sizes]
+        warm = [timed(lambda b=b: step(b), device)[1] for b in sizes]
+        full = [timed(lambda: step(st.batch), device)[1] for _ in sizes]
+    ms = lambda ts: round(1000 * float(np.median(ts)), 2)  # noqa: E731
+    return {"sizes": sizes, "cold_step_ms": ms(cold), "warm_step_ms": ms(warm), "batch_step_ms": ms(full),
+            "extra_ms_per_new_shape": round(1000 * float(np.median(np.subtract(cold, warm))), 2)}
 
 
 # --- determinism: its cost, and whether a forget then equals a retrain bit for bit -------------------
@@ -394,13 +449,14 @@ def stage_concurrent(st: Setting, device: torch.device, data_dir: str, work: Pat
     mono_run.close()
     out = {"monolithic_bf16": mono, "jobs": {}}
     files = {}
-    for jobs, carried in ((1, False), (st.shards, False), (st.shards, True)):
-        cfg = config(st, reset_momentum=not carried)
-        key = f"{jobs}{' carry-momentum' if carried else ''}"
+    # (each worker process builds its own cuDNN plans: `--batching full` gives it one batch shape)
+    for jobs, arm in ((1, ""), (st.shards, ""), (st.shards, "carry-momentum"), (st.shards, "full-batches")):
+        cfg = config(st, reset_momentum=arm != "carry-momentum", batching="full" if arm == "full-batches" else "split")
+        key = f"{jobs} {arm}".strip()
         run, t_create = timed(lambda: sisa.Run.create(work / f"j{key}", cfg, data_dir=data_dir), device)
         executor = GpuExecutor(devices=[str(device)] if device.type != "cuda" else None, jobs_per_device=jobs)
         report, t = timed(lambda: run.complete("auto", executor=executor), device)
-        if not carried:
+        if not arm:
             files[jobs] = {k: file_sha256(run.dir / c.path) for k, c in run.index.checkpoints().items()}
         out["jobs"][key] = {"seconds": round(t, 2), "sample_epochs": report.sample_epochs,
                             # summed over the shard jobs: a worker's start (spawn, imports, CUDA
@@ -454,7 +510,8 @@ def markdown(res: dict) -> str:
         for key, name in (("monolithic_fp32", "monolithic, fp32"), ("monolithic_bf16", "monolithic, bf16"),
                           ("sisa_bf16", "SISA, bf16" + (" (momentum reset per slice: the default)" if reset_default else "")),
                           ("sisa_bf16_reset_momentum", "SISA, bf16, `--reset-momentum`"),
-                          ("sisa_bf16_carried_momentum", "SISA, bf16, `--carry-momentum`")):
+                          ("sisa_bf16_carried_momentum", "SISA, bf16, `--carry-momentum`"),
+                          ("sisa_bf16_full_batches", "SISA, bf16, `--batching full`")):
             if (m := s.get(key)) is None:
                 continue
             lines.append(f"| {name} | {m['seconds']:.1f} | {m['sample_epochs']:,} | {m['seconds_per_million_sample_epochs']:.2f} | "
@@ -500,25 +557,43 @@ def markdown(res: dict) -> str:
                               f"**{s[arm + '_over_monolithic_per_sample_epoch']:.2f}x** per sample-epoch; the forget "
                               f"of the same 1 id {m['forget_1_seconds']:.2f} s ({m['forget_1_speedup_over_monolithic_retrain']:.1f}x "
                               "over monolithic retraining)."]
+        if m := s.get("sisa_bf16_full_batches"):
+            f, each = m["forget_1_mean"], " / ".join(f"{x['seconds']:.2f}" for x in m["forgets"])
+            lines += ["", f"With `--batching full` (batches of exactly {r['batch']}, an epoch's incomplete tail sitting "
+                          f"out: one batch shape for the whole run): SISA / monolithic **{s['full_batches_over_monolithic_per_sample_epoch']:.2f}x** "
+                          f"per sample-epoch; the same {f['requests']} single-id forgets: mean {f['seconds']:.2f} s "
+                          f"({each}), {f['speedup_over_monolithic_retrain']:.1f}x over "
+                          f"monolithic retraining: measured / model **{f['measured_over_predicted_cost_model']:.2f}**."]
         p = s["predict"]
         lines += ["", f"Ensemble prediction: {p['ensemble_images_per_s']:,} img/s over {p['images']:,} images; one "
                       f"constituent alone {p['single_model_images_per_s']:,} img/s; ensemble / (single / S) = "
                       f"**{p['ensemble_over_single_div_S']:.2f}**.", ""]
     if s := res.get("breakdown"):
-        m, f, r = s["monolithic"], s["sisa"], s["sisa_over_monolithic_per_sample_epoch"]
+        m, arms = s["monolithic"], [a for a in ("sisa", "sisa_full") if a in s]
+        named = {"sisa": "SISA", "sisa_full": "SISA `--batching full`"}
+        levels = (("schedule", "the slice schedule's batches alone"),
+                  ("shard_jobs", "+ each slice's state copied to the host (the library's shard jobs)"),
+                  ("pipeline", "+ checkpoints written, fsynced and hashed; the index (the library's `complete`)"))
         lines += ["## Where SISA's time over monolithic training goes (the sisa stage's recipe)", "",
-                  "| level | monolithic s | SISA s | SISA / monolithic per sample-epoch |", "|---|---|---|---|",
-                  f"| the slice schedule's batches alone | {m['schedule_seconds']:.1f} | {f['schedule_seconds']:.1f} | "
-                  f"**{r['schedule']:.2f}x** |",
-                  f"| + each slice's state copied to the host (the library's shard jobs) | {m['shard_jobs_seconds']:.1f} | "
-                  f"{f['shard_jobs_seconds']:.1f} | **{r['shard_jobs']:.2f}x** |",
-                  f"| + checkpoints written, fsynced and hashed; the index (the library's `complete`) | "
-                  f"{m['pipeline_seconds']:.1f} | {f['pipeline_seconds']:.1f} | **{r['pipeline']:.2f}x** |", "",
-                  f"Sample-epochs: monolithic {m['sample_epochs']:,}, SISA {f['sample_epochs']:,}; optimiser steps "
-                  f"{m['optimizer_steps']:,} against {f['optimizer_steps']:,} ({m['sample_epochs'] / m['optimizer_steps']:.0f} "
-                  f"and {f['sample_epochs'] / f['optimizer_steps']:.0f} images per step). The bare schedule trains the "
-                  "library's bits: " + ("yes" if m["schedule_equals_library_bits"] and f["schedule_equals_library_bits"]
-                                        else "no (this device's default kernels do not repeat their bits)") + ".", ""]
+                  "| level | monolithic s | " + " | ".join(f"{named[a]} s | / monolithic per sample-epoch" for a in arms) + " |",
+                  "|---|---|" + "---|---|" * len(arms)]
+        lines += [f"| {label} | {m[level + '_seconds']:.1f} | " + " | ".join(
+            f"{s[a][level + '_seconds']:.1f} | **{s[a + '_over_monolithic_per_sample_epoch'][level]:.2f}x**" for a in arms) + " |"
+            for level, label in levels]
+        lines += ["", "| | monolithic | " + " | ".join(named[a] for a in arms) + " |", "|---|---|" + "---|" * len(arms)]
+        for key, label in (("sample_epochs", "sample-epochs"), ("optimizer_steps", "optimiser steps"),
+                           ("batch_shapes", "distinct batch sizes")):
+            if key in m:
+                lines.append(f"| {label} | {m[key]:,} | " + " | ".join(f"{s[a][key]:,}" for a in arms) + " |")
+        same = all(s[a]["schedule_equals_library_bits"] for a in ["monolithic", *arms])
+        lines += ["", "The bare schedule trains the library's bits: " + ("yes" if same else
+                  "no (this device's default kernels do not repeat their bits)") + "."]
+        if c := s.get("cold_shape"):
+            lines += ["", f"A training step at a batch size not seen before (sizes {c['sizes'][-1]}-{c['sizes'][0]}, "
+                          f"bf16): {c['cold_step_ms']:.1f} ms, the same sizes again {c['warm_step_ms']:.1f} ms, at the "
+                          f"training batch size {c['batch_step_ms']:.1f} ms: **{c['extra_ms_per_new_shape']:.1f} ms** "
+                          "per new batch shape."]
+        lines.append("")
     if s := res.get("determinism"):
         lines += [f"## Deterministic mode (S={s['shards']}, R={s['slices']}, {s['epochs']} epochs)", "", "| mode | train s | forget s | forget equals retrain bit for bit |",
                   "|---|---|---|---|"]
