@@ -184,7 +184,7 @@ def _defaults_note(config: dict) -> str:
     from sisa.config import LEGACY, RunConfig
 
     default = RunConfig()
-    changed = [k for k in ("epochs", "batch_size", "lr", "width", "reset_momentum")
+    changed = [k for k in ("epochs", "batch_size", "lr", "width", "reset_momentum", "batching")
                if config.get(k, LEGACY.get(k)) != getattr(default, k)]
     return "sisa.RunConfig's defaults" + (f" except {', '.join(changed)}" if changed else "")
 

@@ -72,7 +72,7 @@ import numpy as np
 import torch
 
 import sisa
-from sisa.config import AUGMENT_DEFAULTS, slice_epochs
+from sisa.config import AUGMENT_DEFAULTS, epoch_batches, slice_epochs
 from sisa.data import Dataset, load_dataset
 from sisa.model import build_model
 from sisa.run import pick_device
@@ -315,7 +315,7 @@ def sisa_variant(spec: DataSpec, data: Dataset, st: Setting, converged: bool) ->
     cfg = sisa_config(spec, st, shards=st.shards, slices=st.slices)
     if converged:
         cfg = replace(cfg, epochs=converged_epochs(len(data.train), cfg.shards, cfg.slices, cfg.batch_size,
-                                                   st.s_sweep_steps, cfg.epochs))
+                                                   st.s_sweep_steps, cfg.epochs, cfg.batching))
     return cfg
 
 
@@ -328,7 +328,7 @@ def sisa_stage(spec: DataSpec, data: Dataset, st: Setting, device, state: Path, 
     _, secs = timed(spec.train, state / f"{_stem(spec)}-{key}", c, device)
     n = len(data.train)
     return {"config": json.loads(c.to_json()), "train_seconds": secs,
-            "steps_per_constituent": constituent_steps(n, c.shards, c.slices, c.batch_size, c.epochs)}
+            "steps_per_constituent": constituent_steps(n, c.shards, c.slices, c.batch_size, c.epochs, c.batching)}
 
 
 def forget_stage(spec: DataSpec, data: Dataset, st: Setting, device, state: Path, frac: float,
@@ -452,19 +452,20 @@ def _stem(spec: DataSpec) -> str:
     return Path(spec.name).stem
 
 
-def constituent_steps(n: int, shards: int, slices: int, batch: int, epochs: int) -> int:
+def constituent_steps(n: int, shards: int, slices: int, batch: int, epochs: int, batching: str) -> int:
     """Optimiser steps the smallest shard's constituent takes over its R slice steps (sisa.training:
-    step i trains slice_epochs(R, e)[i] epochs on slices 0..i, ceil(rows / batch) batches each)."""
+    step i trains slice_epochs(R, e)[i] epochs on slices 0..i, in the batches `batching` cuts)."""
     sizes = [len(c) for c in np.array_split(np.arange(n // shards), slices)]
     prefix = np.cumsum(sizes)
-    return int(sum(ep * math.ceil(k / batch) for ep, k in zip(slice_epochs(slices, epochs), prefix) if k >= 2))
+    return int(sum(ep * len(epoch_batches(int(k), batch, batching))
+                   for ep, k in zip(slice_epochs(slices, epochs), prefix) if k >= 2))
 
 
-def converged_epochs(n: int, shards: int, slices: int, batch: int, steps: int, epochs: int) -> int:
+def converged_epochs(n: int, shards: int, slices: int, batch: int, steps: int, epochs: int, batching: str) -> int:
     """The per-S epoch rule of "SISA (converged)": the product's e, raised until every constituent
     takes at least `steps` optimiser steps (view (b)'s count). At S = 5, R = 4 on digits the
-    product's e = 12 gives 68 steps per constituent."""
-    while constituent_steps(n, shards, slices, batch, epochs) < steps:
+    product's e = 12 gives 68 steps per constituent with near-equal batches, 49 with full ones."""
+    while constituent_steps(n, shards, slices, batch, epochs, batching) < steps:
         epochs += 1
     return epochs
 
@@ -547,7 +548,9 @@ def accuracy_vs_shards_steps(spec: DataSpec, st: Setting, n: int, device, workdi
 
 
 def _sweep_point(spec: DataSpec, st: Setting, S: int, epochs: int, batch: int, n: int, device, d: Path) -> dict:
-    cfg = sisa_config(spec, st, shards=S, slices=1, epochs=epochs, batch_size=batch)
+    # Near-equal batches: view (a) is defined by every sample seen equally often, and both views
+    # count a constituent's steps as ceil(shard / batch) per epoch.
+    cfg = sisa_config(spec, st, shards=S, slices=1, epochs=epochs, batch_size=batch, batching="split")
     _, secs = timed(spec.train, d, cfg, device)
     ev = sisa.evaluate(d, device=device)
     shutil.rmtree(d)
