@@ -100,8 +100,9 @@ def reusable_backbone(backbone: Path, public: Path, args) -> dict | None:
 
 
 def reusable_run(run_dir: Path, shards: int, args, init_sha: str) -> dict | None:
-    """A complete run of an earlier invocation with the same settings and today's default for
-    momentum (a run made before that default changed is trained again): {"seconds": None}, or None."""
+    """A complete run of an earlier invocation with the same settings and today's defaults for
+    momentum and batching (a run made before a default changed is trained again):
+    {"seconds": None}, or None."""
     from sisa.config import LEGACY, RunConfig
 
     if not (run_dir / "index.sqlite").is_file():
@@ -111,8 +112,8 @@ def reusable_run(run_dir: Path, shards: int, args, init_sha: str) -> dict | None
     same = (status["complete"] and status["requests"]["total"] == 0 and c["shards"] == shards
             and c["slices"] == args.slices and c["epochs"] == args.epochs and c["init_sha256"] == init_sha
             and c["trainable"] == "fc" and c["seed"] == args.seed
-            # a default this script does not pass, changed by issue 12 (a run without the field carried momentum)
-            and c.get("reset_momentum", LEGACY["reset_momentum"]) == RunConfig().reset_momentum)
+            # defaults this script does not pass, changed by issue 12 (a run without a field has its legacy value)
+            and all(c.get(k, LEGACY[k]) == getattr(RunConfig(), k) for k in ("reset_momentum", "batching")))
     return {"seconds": None} if same else None
 
 
