@@ -164,7 +164,7 @@ def train(
     precision: Annotated[Optional[str], typer.Option(help="Arithmetic: fp32, or bf16 (autocast and channels_last: about twice as fast on a GPU); auto picks bf16 when training on a CUDA GPU. Recorded in the run: every forget uses it too. \\[default: auto]")] = None,
     deterministic: Annotated[bool, typer.Option("--deterministic", help="Deterministic CUDA kernels (about 2% slower on an H100): a forget then equals retraining from scratch bit for bit on the same GPU type, which `sisa audit --retrain --device cuda` checks. CPU training is deterministic always.")] = False,
     reset_momentum: Annotated[Optional[bool], typer.Option("--reset-momentum/--carry-momentum", help="Start every slice step with zero momentum, so each checkpoint holds the weights alone (a ResNet-18's 45 MB, against 89 MB with its momentum carried to the next slice): half the bytes to write, what GPU training waits on. Exact either way. \\[default: reset]")] = None,
-    batching: Annotated[Optional[str], typer.Option(help="How each epoch is cut into batches: full (batches of exactly --batch-size, an epoch's incomplete last batch sitting out; the order is random each epoch) or split (near-equal batches of at most --batch-size, every sample once: what runs made before did). full gives a GPU one batch shape for the whole run (cuDNN plans every new shape; split makes new ones at every slice step and every forget) and took a fifth less time on digits at the same accuracy. Exact either way. \\[default: full]")] = None,
+    batching: Annotated[Optional[str], typer.Option(help="How each epoch is cut into batches: split (near-equal batches of at most --batch-size, every sample once) or full (batches of exactly --batch-size, an epoch's incomplete last batch sitting out; the order is random each epoch). full gives a GPU one batch shape for the whole run: cuDNN plans every new shape, and split makes new ones at every slice step and every forget. Exact either way. \\[default: split]")] = None,
     run_dir: RunDir = Path("sisa-run"),
     overwrite: Annotated[bool, typer.Option(help="Replace an existing run directory (only a SISA run or an empty folder).")] = False,
     resume: Annotated[bool, typer.Option(help="Finish training an existing run that was interrupted, as it was created.")] = False,
@@ -590,7 +590,7 @@ def status(run_dir: RunDir = Path("sisa-run"), as_json: JsonOut = False):
              f"{c['epochs']} epochs, {c['arch']}, {c.get('precision', 'fp32')}"
              + (", deterministic" if c.get("deterministic") else "")
              + (", momentum reset per slice" if c.get("reset_momentum") else ", momentum carried across slices")
-             + f", {c.get('batching', 'split')} batches"
+             + (", full batches" if c.get("batching") == "full" else "")
              + f", seed {c['seed']}, generation {st['generation']}\n"
              f"samples: {st['samples']['active']} active, {st['samples']['deleted']} deleted\n"
              f"checkpoints: {st['checkpoints']['live']}/{st['checkpoints']['expected']} live, "

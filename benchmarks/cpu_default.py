@@ -1,8 +1,8 @@
 """A new user's first command, `sisa train --shards 5` on digits, with today's defaults beside the
 previous ones, in the same run on the same CPU (issue 12's goal: at most 150 s at 95% or more).
-Four recipes: the defaults before issue 12, the defaults before momentum was reset at each slice
-step (`--carry-momentum`), the defaults before epochs were cut into full batches (`--batching
-split`), and today's. The train command ends with its test-set pass, as a user's does.
+Three recipes: the defaults before issue 12, the defaults before momentum was reset at each slice
+step (`--carry-momentum`), and today's. The train command ends with its test-set pass, as a
+user's does.
 
     python -m benchmarks.cpu_default [--repeats 1]
 
@@ -27,13 +27,9 @@ from .common import environment, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
 # The defaults before issue 12 (sisa 0.x until a9d7bdb): batch 64 at peak lr 0.05, 16 epochs,
-# momentum carried from slice to slice, near-equal batches; then 12 epochs, momentum still carried
-# (until 857dc1e); then momentum reset per slice step, batches still near-equal (until the commit
-# that made full batches the default).
-RECIPES = {"previous": ["--batch-size", "64", "--lr", "0.05", "--epochs", "16", "--slices", "4", "--carry-momentum",
-                        "--batching", "split"],
-           "carried momentum": ["--carry-momentum", "--batching", "split"],
-           "split batches": ["--batching", "split"],
+# momentum carried from slice to slice; then 12 epochs, momentum still carried (until 857dc1e).
+RECIPES = {"previous": ["--batch-size", "64", "--lr", "0.05", "--epochs", "16", "--slices", "4", "--carry-momentum"],
+           "carried momentum": ["--carry-momentum"],
            "current": []}
 
 
@@ -60,7 +56,7 @@ def one(flags: list[str], folder: Path) -> dict:
     return {"seconds": round(seconds, 1), "cpu_seconds": round(cpu, 1), "sample_epochs": trained["sample_epochs"],
             "accuracy_vote": round(100 * acc["ensemble_vote"], 2), "accuracy_mean": round(100 * acc["ensemble_mean"], 2),
             "recipe": {k: cfg[k] for k in ("shards", "slices", "epochs", "batch_size", "lr", "width", "precision",
-                                           "reset_momentum", "batching")}}
+                                           "reset_momentum")}}
 
 
 def main() -> None:

@@ -22,17 +22,17 @@ Stages (Fashion-MNIST, ResNet-18 with the 3x3 stem, batch 512 unless said):
   (4 requests, one after another; their mean against the cost model) and of 8 in one request,
   against monolithic retraining and the SISA cost model; ensemble prediction against S times
   bare single-model inference. Beside the default: SISA with `--carry-momentum` (one forget)
-  and with `--batching split` (the same single-id forgets).
+  and with `--batching full` (the same single-id forgets).
 - determinism: `deterministic=True` against the default (training time), and whether a forget
   equals retraining the shard from scratch bit for bit on this GPU, in both modes.
 - compile: `torch.compile` of the bare step, to see whether it is worth adopting.
 - breakdown: where SISA's time over monolithic training goes, for both with the sisa stage's
-  recipe (SISA also with `--batching split`): the slice schedule's batches alone (the training
+  recipe (SISA also with `--batching full`): the slice schedule's batches alone (the training
   loop over each shard's growing prefix, nothing else), then the library's shard jobs (each
   slice's state also copied to the host, as for its checkpoint), then the whole pipeline
   (checkpoints written, index); and what a step at a batch size not seen before costs.
 - concurrent: SISA training with 1 and 5 shard jobs at once on the GPU (`--jobs-per-gpu`), and 5
-  with `--carry-momentum` and with `--batching split`, against monolithic training, and whether
+  with `--carry-momentum` and with `--batching full`, against monolithic training, and whether
   every checkpoint file is the same whatever the number of jobs.
 """
 from __future__ import annotations
@@ -190,8 +190,7 @@ def train_run(run_dir: Path, cfg: sisa.RunConfig, device: torch.device, data_dir
 
 def stage_sisa(st: Setting, device: torch.device, data_dir: str, work: Path) -> dict:
     out = {"recipe": {"dataset": st.dataset, "epochs": st.epochs, "batch": st.batch, "lr": st.lr, "width": st.width,
-                      "shards": st.shards, "slices": st.slices, "reset_momentum": config(st).reset_momentum,
-                      "batching": config(st).batching}}
+                      "shards": st.shards, "slices": st.slices, "reset_momentum": config(st).reset_momentum}}
     mono_run, out["monolithic_bf16"] = train_run(work / "mono", config(st, shards=1, slices=1), device, data_dir)
     mono_run.close()
     shutil.rmtree(work / "mono")
@@ -250,15 +249,15 @@ def stage_sisa(st: Setting, device: torch.device, data_dir: str, work: Path) -> 
         out["sisa_bf16_carried_momentum"]["seconds_per_million_sample_epochs"] / mono["seconds_per_million_sample_epochs"], 3)
     carry.close()
 
-    # The same training with `--batching split` (the default before issue 12): near-equal batches
-    # make new batch shapes at every slice step and every forget (each a cuDNN plan per
-    # convolution; the breakdown stage times one), full batches one. The same single-id draws.
-    split_run, arm = train_run(work / "split", config(st, batching="split"), device, data_dir)
-    arm["forgets"], arm["forget_1_mean"] = forget_requests(st, split_run, [[x] for x in singles], mono, device)
-    out["sisa_bf16_split_batches"] = arm
-    out["split_batches_over_monolithic_per_sample_epoch"] = round(
+    # The same training with `--batching full`: one batch shape for the whole run, where the
+    # default's near-equal batches make new ones at every slice step and every forget (each a cuDNN
+    # plan per convolution; the breakdown stage times one). The same single-id draws.
+    full_run, arm = train_run(work / "full", config(st, batching="full"), device, data_dir)
+    arm["forgets"], arm["forget_1_mean"] = forget_requests(st, full_run, [[x] for x in singles], mono, device)
+    out["sisa_bf16_full_batches"] = arm
+    out["full_batches_over_monolithic_per_sample_epoch"] = round(
         arm["seconds_per_million_sample_epochs"] / mono["seconds_per_million_sample_epochs"], 3)
-    split_run.close()
+    full_run.close()
     return out
 
 
@@ -346,13 +345,13 @@ def schedule_only(cfg: sisa.RunConfig, job, images: torch.Tensor, labels: torch.
 def stage_breakdown(st: Setting, device: torch.device, data_dir: str, work: Path) -> dict:
     """Each level adds what the library does beyond the one before; the monolithic model goes
     through the same levels, so each ratio is SISA's own price at that level. SISA runs with
-    both batchings: the default's full batches make one batch shape for the whole run,
-    `--batching split` new ones at every slice step; `cold_shape` times what a new shape costs."""
+    both batchings: the default's near-equal batches make new batch shapes at every slice step,
+    `--batching full` one for the whole run; `cold_shape` times what a new shape costs a step."""
     from sisa.config import epoch_batches, slice_epochs, step_sample_epochs
     from sisa.training import initial_state, run_shard_job
 
     out = {"cold_shape": cold_shape(st, device, data_dir)}
-    recipes = (("monolithic", config(st, shards=1, slices=1)), ("sisa", config(st)), ("sisa_split", config(st, batching="split")))
+    recipes = (("monolithic", config(st, shards=1, slices=1)), ("sisa", config(st)), ("sisa_full", config(st, batching="full")))
     for name, cfg in recipes:
         run = sisa.Run.create(work / name, cfg, data_dir=data_dir)
         cfg, jobs, train = run.config, run.shard_jobs(), run.dataset().train  # channels, classes: from the data
@@ -383,7 +382,7 @@ def stage_breakdown(st: Setting, device: torch.device, data_dir: str, work: Path
         run.close()
         shutil.rmtree(work / name)
     mono = out["monolithic"]
-    for name in ("sisa", "sisa_split"):
+    for name in ("sisa", "sisa_full"):
         scale = mono["sample_epochs"] / out[name]["sample_epochs"]
         out[f"{name}_over_monolithic_per_sample_epoch"] = {
             level: round(out[name][f"{level}_seconds"] * scale / mono[f"{level}_seconds"], 3)
@@ -450,9 +449,9 @@ def stage_concurrent(st: Setting, device: torch.device, data_dir: str, work: Pat
     mono_run.close()
     out = {"monolithic_bf16": mono, "jobs": {}}
     files = {}
-    # (each worker process builds its own cuDNN plans: full batches, the default, give it one shape)
-    for jobs, arm in ((1, ""), (st.shards, ""), (st.shards, "carry-momentum"), (st.shards, "split-batches")):
-        cfg = config(st, reset_momentum=arm != "carry-momentum", batching="split" if arm == "split-batches" else "full")
+    # (each worker process builds its own cuDNN plans: `--batching full` gives it one batch shape)
+    for jobs, arm in ((1, ""), (st.shards, ""), (st.shards, "carry-momentum"), (st.shards, "full-batches")):
+        cfg = config(st, reset_momentum=arm != "carry-momentum", batching="full" if arm == "full-batches" else "split")
         key = f"{jobs} {arm}".strip()
         run, t_create = timed(lambda: sisa.Run.create(work / f"j{key}", cfg, data_dir=data_dir), device)
         executor = GpuExecutor(devices=[str(device)] if device.type != "cuda" else None, jobs_per_device=jobs)
@@ -508,13 +507,11 @@ def markdown(res: dict) -> str:
         # Since issue 12 the default resets momentum at each slice step; results made before it
         # (no "reset_momentum" in the recipe) carried it by default and measured the reset beside.
         reset_default = r.get("reset_momentum", False)
-        defaults = ", ".join(x for x, on in (("momentum reset per slice", reset_default),
-                                             (f"{r.get('batching')} batches", "batching" in r)) if on)
         for key, name in (("monolithic_fp32", "monolithic, fp32"), ("monolithic_bf16", "monolithic, bf16"),
-                          ("sisa_bf16", "SISA, bf16" + (f" (the defaults: {defaults})" if defaults else "")),
+                          ("sisa_bf16", "SISA, bf16" + (" (momentum reset per slice: the default)" if reset_default else "")),
                           ("sisa_bf16_reset_momentum", "SISA, bf16, `--reset-momentum`"),
                           ("sisa_bf16_carried_momentum", "SISA, bf16, `--carry-momentum`"),
-                          ("sisa_bf16_split_batches", "SISA, bf16, `--batching split`")):
+                          ("sisa_bf16_full_batches", "SISA, bf16, `--batching full`")):
             if (m := s.get(key)) is None:
                 continue
             lines.append(f"| {name} | {m['seconds']:.1f} | {m['sample_epochs']:,} | {m['seconds_per_million_sample_epochs']:.2f} | "
@@ -560,10 +557,10 @@ def markdown(res: dict) -> str:
                               f"**{s[arm + '_over_monolithic_per_sample_epoch']:.2f}x** per sample-epoch; the forget "
                               f"of the same 1 id {m['forget_1_seconds']:.2f} s ({m['forget_1_speedup_over_monolithic_retrain']:.1f}x "
                               "over monolithic retraining)."]
-        if m := s.get("sisa_bf16_split_batches"):
+        if m := s.get("sisa_bf16_full_batches"):
             f, each = m["forget_1_mean"], " / ".join(f"{x['seconds']:.2f}" for x in m["forgets"])
-            lines += ["", f"With `--batching split` (near-equal batches of at most {r['batch']}, every sample once per "
-                          f"epoch: new batch shapes at every slice step): SISA / monolithic **{s['split_batches_over_monolithic_per_sample_epoch']:.2f}x** "
+            lines += ["", f"With `--batching full` (batches of exactly {r['batch']}, an epoch's incomplete tail sitting "
+                          f"out: one batch shape for the whole run): SISA / monolithic **{s['full_batches_over_monolithic_per_sample_epoch']:.2f}x** "
                           f"per sample-epoch; the same {f['requests']} single-id forgets: mean {f['seconds']:.2f} s "
                           f"({each}), {f['speedup_over_monolithic_retrain']:.1f}x over "
                           f"monolithic retraining: measured / model **{f['measured_over_predicted_cost_model']:.2f}**."]
@@ -572,8 +569,8 @@ def markdown(res: dict) -> str:
                       f"constituent alone {p['single_model_images_per_s']:,} img/s; ensemble / (single / S) = "
                       f"**{p['ensemble_over_single_div_S']:.2f}**.", ""]
     if s := res.get("breakdown"):
-        m, arms = s["monolithic"], [a for a in ("sisa", "sisa_split") if a in s]
-        named = {"sisa": "SISA", "sisa_split": "SISA `--batching split`"}
+        m, arms = s["monolithic"], [a for a in ("sisa", "sisa_full") if a in s]
+        named = {"sisa": "SISA", "sisa_full": "SISA `--batching full`"}
         levels = (("schedule", "the slice schedule's batches alone"),
                   ("shard_jobs", "+ each slice's state copied to the host (the library's shard jobs)"),
                   ("pipeline", "+ checkpoints written, fsynced and hashed; the index (the library's `complete`)"))

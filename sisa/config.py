@@ -31,14 +31,15 @@ class RunConfig:
     init_sha256: str = ""  # sha256 of the init weights file; "" draws every weight from the seed
     # optimiser: SGD with Nesterov momentum; per slice, lr warms up linearly then decays to 0
     batch_size: int = 64
-    # How an epoch is cut into batches. "full": batches of exactly batch_size, an epoch's incomplete
-    # last batch left out (each epoch's order is random, so which samples sit out changes), fewer
-    # than batch_size samples making one batch. "split" (runs made before; LEGACY): ceil(n /
-    # batch_size) near-equal batches, every sample once. Full batches are the default since issue
-    # 12: on digits (2-core CPU) a fifth less time at the same accuracy (benchmarks/cpu_default.py);
-    # on a GPU every new batch shape costs cuDNN a plan per convolution, and split batches bring
-    # new shapes at every slice step and every forget, full ones one shape (benchmarks/gpu.py).
-    batching: str = "full"
+    # How an epoch is cut into batches. "split": ceil(n / batch_size) near-equal batches, every
+    # sample once. "full": batches of exactly batch_size, an epoch's incomplete last batch left out
+    # (each epoch's order is random, so which samples sit out changes), fewer than batch_size
+    # samples making one batch. On a GPU every new batch shape costs cuDNN a plan for each
+    # convolution; with "split" every slice step, and every forget (one sample shorter), brings
+    # new shapes, with "full" a whole run has one (benchmarks/gpu.py measures both). On a CPU,
+    # full batches save time by training less (a small shard takes fewer, larger steps), which
+    # cost accuracy on digits at width 16 (benchmarks/batching.py): split stays the default.
+    batching: str = "split"
     lr: float = 0.05  # peak learning rate
     momentum: float = 0.9
     weight_decay: float = 5e-4
@@ -169,7 +170,7 @@ def slice_epochs(slices: int, epochs: int) -> list[int]:
     return [base + (1 if i >= slices - extra else 0) for i in range(slices)]
 
 
-def epoch_batches(n: int, batch_size: int, batching: str = "split") -> list[int]:
+def epoch_batches(n: int, batch_size: int, batching: str) -> list[int]:
     """The sizes of one epoch's consecutive batches over n samples in random order (see
     RunConfig.batching); their sum is the samples the epoch trains on."""
     if batching == "full" and n >= batch_size:

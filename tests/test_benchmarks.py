@@ -120,20 +120,20 @@ def test_gpu_benchmark_stages_run_and_merge(tmp_path):
     assert sisa_["checkpoint_write"]["bytes"] > 0 and sisa_["predict"]["ensemble_over_single_div_S"] > 0
     det = res["determinism"]
     assert det["deterministic"]["forget_equals_retrain"] and det["default"]["forget_equals_retrain"]  # CPU: always
-    split = sisa_["sisa_bf16_split_batches"]  # the same single-id draws, on a run with --batching split
-    assert [f["ids"] for f in split["forgets"]] == [1, 1] and split["forget_1_mean"]["requests"] == 2
-    assert 0 < sisa_["sisa_bf16"]["sample_epochs"] < split["sample_epochs"]  # full batches: tails sat out
+    full = sisa_["sisa_bf16_full_batches"]  # the same single-id draws, on a run with --batching full
+    assert [f["ids"] for f in full["forgets"]] == [1, 1] and full["forget_1_mean"]["requests"] == 2
+    assert 0 < full["sample_epochs"] < sisa_["sisa_bf16"]["sample_epochs"]  # tails sat out
     parts = res["breakdown"]
-    for arm in ("monolithic", "sisa", "sisa_split"):  # on the CPU the bare schedule trains the library's bits
+    for arm in ("monolithic", "sisa", "sisa_full"):  # on the CPU the bare schedule trains the library's bits
         assert parts[arm]["schedule_equals_library_bits"] and parts[arm]["optimizer_steps"] > 0
     assert parts["sisa"]["sample_epochs"] == sisa_["sisa_bf16"]["sample_epochs"]
-    assert parts["sisa_split"]["sample_epochs"] == split["sample_epochs"] and parts["sisa"]["batch_shapes"] == 1
-    assert all(r > 0 for a in ("sisa", "sisa_split") for r in parts[f"{a}_over_monolithic_per_sample_epoch"].values())
+    assert parts["sisa_full"]["sample_epochs"] == full["sample_epochs"] and parts["sisa_full"]["batch_shapes"] == 1
+    assert all(r > 0 for a in ("sisa", "sisa_full") for r in parts[f"{a}_over_monolithic_per_sample_epoch"].values())
     assert parts["cold_shape"]["cold_step_ms"] > 0 and len(parts["cold_shape"]["sizes"]) == 12
     md = (tmp_path / "gpu_smoke.md").read_text()
     assert "loop / bare" in md and "Deterministic mode" in md and "Where a forget's wall time went" in md
     assert "| the slice schedule's batches alone |" in md and "per new batch shape" in md
-    assert "| SISA, bf16, `--batching split` |" in md and "the same 2 single-id forgets" in md
+    assert "| SISA, bf16, `--batching full` |" in md and "the same 2 single-id forgets" in md
     assert "The 2 single-id forgets, one request after another" in md
 
 

@@ -73,14 +73,13 @@ def test_epoch_batches_split_near_equal_or_full_of_one_shape():
     assert shapes["full"] == {64} and len(shapes["split"]) > 30
     cfg = RunConfig(batch_size=64, batching="full")
     assert step_sample_epochs(cfg, 200, 3) == 3 * 192 and step_sample_epochs(cfg, 1, 3) == 0
-    assert step_sample_epochs(RunConfig(batch_size=64, batching="split"), 200, 3) == 600
+    assert step_sample_epochs(RunConfig(batch_size=64), 200, 3) == 600
 
 
 def test_batching_is_part_of_the_recipe_and_older_runs_keep_their_hash():
     import json
 
-    full, split = RunConfig(dataset="digits"), RunConfig(dataset="digits", batching="split")
-    assert full.batching == "full", "the default"
+    split, full = RunConfig(dataset="digits"), RunConfig(dataset="digits", batching="full")
     assert "batching" not in split.training_fields() and full.config_hash != split.config_hash
     recorded = json.loads(split.to_json())
     del recorded["batching"]  # a run recorded before the field existed

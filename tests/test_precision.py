@@ -79,19 +79,19 @@ def test_cli_records_precision_and_determinism(digits_manifest, tmp_path):
     run_dir = tmp_path / "run"
     res = CliRunner().invoke(app, ["train", "--dataset", str(train_csv), "--test-manifest", str(test_csv),
                                    "--shards", "2", "--slices", "1", "--epochs", "1", "--width", "8",
-                                   "--deterministic", "--reset-momentum", "--batching", "split", "--run-dir", str(run_dir),
+                                   "--deterministic", "--reset-momentum", "--batching", "full", "--run-dir", str(run_dir),
                                    "--device", "cpu", "--json"])
     assert res.exit_code == 0, res.output
     status = json.loads(CliRunner().invoke(app, ["status", "--run-dir", str(run_dir), "--json"]).stdout)
     assert status["config"]["deterministic"] is True and status["config"]["reset_momentum"] is True
-    assert status["config"]["batching"] == "split"
+    assert status["config"]["batching"] == "full"
     assert status["config"]["precision"] == "fp32"  # auto on a CPU
-    assert "resnet18, fp32, deterministic, momentum reset per slice, split batches, seed 0" in CliRunner().invoke(app, ["status", "--run-dir", str(run_dir)]).stdout
+    assert "resnet18, fp32, deterministic, momentum reset per slice, full batches, seed 0" in CliRunner().invoke(app, ["status", "--run-dir", str(run_dir)]).stdout
     carried = tmp_path / "carried"
     res = CliRunner().invoke(app, ["train", "--dataset", str(train_csv), "--shards", "2", "--slices", "1", "--epochs", "1",
                                    "--width", "8", "--carry-momentum", "--run-dir", str(carried), "--device", "cpu", "--no-eval"])
     assert res.exit_code == 0, res.output
-    assert "fp32, momentum carried across slices, full batches, seed 0" in CliRunner().invoke(app, ["status", "--run-dir", str(carried)]).stdout
+    assert "fp32, momentum carried across slices, seed 0" in CliRunner().invoke(app, ["status", "--run-dir", str(carried)]).stdout
     res = CliRunner().invoke(app, ["train", "--resume", "--precision", "bf16", "--run-dir", str(run_dir)])
     assert res.exit_code == 2 and "--precision bf16 (the run has fp32)" in res.output
     res = CliRunner().invoke(app, ["train", "--dataset", str(train_csv), "--precision", "fp16",
