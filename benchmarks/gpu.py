@@ -1,9 +1,9 @@
 """GPU speed of the whole pipeline, every figure a ratio to a baseline measured in the same stage.
 
     python -m benchmarks.gpu --list-stages
-    python -m benchmarks.gpu --stage step --stage sisa            # one device call, ~5 min on an H100
-    python -m benchmarks.gpu --stage determinism --stage compile  # a second one, ~2 min
-    python -m benchmarks.gpu --stage breakdown                    # ~3 min
+    python -m benchmarks.gpu --stage sisa --stage breakdown       # one device call, ~7 min on an H100
+    python -m benchmarks.gpu --stage step --stage determinism     # a second one, ~2 min
+    python -m benchmarks.gpu --stage compile                      # ~1 min
     python -m benchmarks.gpu --stage concurrent                   # --jobs-per-gpu 1, 5: ~4 min
     python -m benchmarks.gpu --smoke                              # every stage, tiny, on the CPU
 
