@@ -94,6 +94,8 @@ def test_cli_records_precision_and_determinism(digits_manifest, tmp_path):
     assert "fp32, momentum carried across slices, seed 0" in CliRunner().invoke(app, ["status", "--run-dir", str(carried)]).stdout
     res = CliRunner().invoke(app, ["train", "--resume", "--precision", "bf16", "--run-dir", str(run_dir)])
     assert res.exit_code == 2 and "--precision bf16 (the run has fp32)" in res.output
+    res = CliRunner().invoke(app, ["train", "--resume", "--batching", "split", "--run-dir", str(run_dir)])
+    assert res.exit_code == 2 and "--batching split (the run has full)" in res.output
     res = CliRunner().invoke(app, ["train", "--dataset", str(train_csv), "--precision", "fp16",
                                    "--run-dir", str(tmp_path / "other")])
     assert res.exit_code == 2 and "--precision must be one of fp32, bf16" in res.output
