@@ -19,20 +19,15 @@ import time
 from pathlib import Path
 
 import sisa
-from sisa.config import epoch_batches, slice_epochs
+from sisa.config import constituent_steps
 
 from .common import environment, write_results
 
 
 def steps_per_constituent(run: sisa.Run) -> list[int]:
     """Optimiser steps each shard's constituent takes over its slice steps."""
-    cfg, epochs = run.config, slice_epochs(run.config.slices, run.config.epochs)
-    out = []
-    for shard in range(cfg.shards):
-        sizes = [len(ids) for ids in run.retained(shard)[1]]
-        prefixes = [sum(sizes[: i + 1]) for i in range(cfg.slices)]
-        out.append(sum(e * len(epoch_batches(n, cfg.batch_size, cfg.batching)) for e, n in zip(epochs, prefixes) if n >= 2))
-    return out
+    return [constituent_steps(run.config, [len(ids) for ids in run.retained(shard)[1]])
+            for shard in range(run.config.shards)]
 
 
 def one(folder: Path, width: int, seed: int, batching: str) -> dict:

@@ -72,7 +72,8 @@ import numpy as np
 import torch
 
 import sisa
-from sisa.config import AUGMENT_DEFAULTS, epoch_batches, slice_epochs
+from sisa.config import AUGMENT_DEFAULTS, RunConfig
+from sisa.config import constituent_steps as shard_steps
 from sisa.data import Dataset, load_dataset
 from sisa.model import build_model
 from sisa.run import pick_device
@@ -455,10 +456,8 @@ def _stem(spec: DataSpec) -> str:
 def constituent_steps(n: int, shards: int, slices: int, batch: int, epochs: int, batching: str) -> int:
     """Optimiser steps the smallest shard's constituent takes over its R slice steps (sisa.training:
     step i trains slice_epochs(R, e)[i] epochs on slices 0..i, in the batches `batching` cuts)."""
-    sizes = [len(c) for c in np.array_split(np.arange(n // shards), slices)]
-    prefix = np.cumsum(sizes)
-    return int(sum(ep * len(epoch_batches(int(k), batch, batching))
-                   for ep, k in zip(slice_epochs(slices, epochs), prefix) if k >= 2))
+    cfg = RunConfig(slices=slices, epochs=epochs, batch_size=batch, batching=batching)
+    return shard_steps(cfg, [len(c) for c in np.array_split(np.arange(n // shards), slices)])
 
 
 def converged_epochs(n: int, shards: int, slices: int, batch: int, steps: int, epochs: int, batching: str) -> int:

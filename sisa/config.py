@@ -186,3 +186,13 @@ def step_sample_epochs(cfg: RunConfig, n: int, epochs: int) -> int:
     cost and a run's receipts count. Fewer than 2 samples train nothing (batch norm cannot
     train on one)."""
     return epochs * sum(epoch_batches(n, cfg.batch_size, cfg.batching)) if n >= 2 else 0
+
+
+def constituent_steps(cfg: RunConfig, slice_sizes: list[int]) -> int:
+    """Optimiser steps a shard with these slice sizes takes over its R slice steps (step i trains
+    slice_epochs(R, e)[i] epochs on slices 0..i, in the batches cfg.batching cuts)."""
+    epochs, prefix, steps = slice_epochs(cfg.slices, cfg.epochs), 0, 0
+    for e, size in zip(epochs, slice_sizes):
+        prefix += size
+        steps += e * len(epoch_batches(prefix, cfg.batch_size, cfg.batching)) if prefix >= 2 else 0
+    return steps
