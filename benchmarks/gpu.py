@@ -15,7 +15,8 @@ Stages (Fashion-MNIST, ResNet-18 with the 3x3 stem, batch 512 unless said):
 - step: the bare training step (a model, an optimiser, one pre-normalised batch on the device)
   against the project's training loop (`sisa.training.train_step`: the device-resident data set,
   crops and flips on whole batches, the learning-rate schedule) in fp32 and in bf16 +
-  channels_last; bare inference.
+  channels_last; bare inference; the bare bf16 step captured in one CUDA graph against the same
+  step launched op by op, at the batch size and at a quarter of it.
 - sisa: full SISA training (S=5, R=10) against monolithic training (S=1, R=1) with the same
   recipe, through the library as a user calls it (index, checkpoints written, fsynced and
   hashed); accuracy of both, and of monolithic fp32 against bf16; forgets of single random ids
@@ -139,6 +140,60 @@ def bare_rates(st: Setting, device: torch.device, precision: str, shape: tuple[i
     return {"train_images_per_s": steps * st.batch / t, "infer_images_per_s": max(2, steps // 4) * len(xi) / ti}
 
 
+def graph_rates(st: Setting, device: torch.device, shape: tuple[int, ...], batch: int) -> dict:
+    """The bare bf16 step (forward, loss, backward, optimiser step) launched op by op, against the
+    same step captured whole in one CUDA graph and replayed: torch.cuda.graph's whole-network
+    recipe (warm-up on a side stream, static input tensors, autocast's weight cache off). A graph
+    saves the host's launch work; it pays where the host, not the GPU, sets the pace. Also
+    whether the replayed step trains the eager step's bits from the same start (and, as the
+    control, whether two eager runs do)."""
+    if device.type != "cuda":
+        return {"batch": batch, "skipped": f"CUDA graphs need a CUDA device, not {device.type}"}
+    gen = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(batch, *shape, device=device, generator=gen).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (batch,), device=device, generator=gen)
+
+    def make():
+        torch.manual_seed(0)
+        model = build_model("resnet18", shape[0], 10, st.width).to(device).to(memory_format=torch.channels_last)
+        return model, torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
+
+    def fwd_bwd_step(model, opt):
+        with torch.autocast(device.type, torch.bfloat16, cache_enabled=False):
+            loss = F.cross_entropy(model(x).float(), y)
+        loss.backward()
+        opt.step()
+
+    def eager_step(model, opt):
+        opt.zero_grad(set_to_none=True)
+        fwd_bwd_step(model, opt)
+
+    eager, control, graphed = make(), make(), make()
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            eager_step(*graphed)
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    graphed[1].zero_grad(set_to_none=True)  # the gradients are then the graph's own, written at each replay
+    with torch.cuda.graph(graph):
+        fwd_bwd_step(*graphed)
+    for _ in range(5):  # capturing runs nothing: 3 warm-up steps + 5 replays against 8 eager steps
+        graph.replay()
+    for _ in range(8):
+        eager_step(*eager)
+        eager_step(*control)
+    sync(device)
+    same = lambda a, b: all(torch.equal(u, v) for u, v in zip(a[0].state_dict().values(), b[0].state_dict().values()))  # noqa: E731
+    out = {"batch": batch, "graph_equals_eager_bits": same(graphed, eager), "eager_repeats_its_bits": same(control, eager)}
+    _, t_eager = timed(lambda: [eager_step(*eager) for _ in range(st.steps)], device)
+    _, t_graph = timed(lambda: [graph.replay() for _ in range(st.steps)], device)
+    out.update(eager_images_per_s=round(st.steps * batch / t_eager), graphed_images_per_s=round(st.steps * batch / t_graph),
+               graphed_over_eager=round(t_eager / t_graph, 3))
+    return out
+
+
 def pipeline_rate(st: Setting, device: torch.device, precision: str, images, labels, autotune: bool = False) -> float:
     """Images/s of `sisa.training.train_step` over `pipeline_rows` rows already on the device
     (`autotune`: with cudnn's autotuner on, which the library leaves off)."""
@@ -171,7 +226,18 @@ def stage_step(st: Setting, device: torch.device, data_dir: str) -> dict:
                           "pipeline_autotuned_images_per_s": round(tuned),
                           "pipeline_autotuned_over_bare": round(tuned / bare["train_images_per_s"], 3)}
     out["bf16_over_fp32_pipeline"] = round(out["bf16"]["pipeline_images_per_s"] / out["fp32"]["pipeline_images_per_s"], 3)
+    # the training batch, and a quarter of it, where a step's launches weigh more against its arithmetic
+    out["cuda_graph"] = [_or_error(graph_rates, st, device, tuple(data.train.images.shape[1:]), b)
+                         for b in (st.batch, st.batch // 4)]
     return out
+
+
+def _or_error(fn, st: Setting, device: torch.device, shape: tuple[int, ...], batch: int) -> dict:
+    """An arm that may not run everywhere: its failure is recorded (one line), not the stage's."""
+    try:
+        return fn(st, device, shape, batch)
+    except Exception as e:  # noqa: BLE001: the stage's other measurements stand without it
+        return {"batch": batch, "failed": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
 
 
 # --- sisa: the whole pipeline, as a user runs it -----------------------------------------------------
@@ -499,6 +565,18 @@ def markdown(res: dict) -> str:
                   f"({s[p].get('pipeline_autotuned_over_bare', 0):.2f}) | {s[p]['bare_infer_images_per_s']:,} |"
                   for p in ("fp32", "bf16")]
         lines += ["", f"bf16 loop / fp32 loop: {s['bf16_over_fp32_pipeline']:.2f}x", ""]
+        if graphs := s.get("cuda_graph"):
+            lines += ["The bare bf16 step captured whole in one CUDA graph and replayed, against the same step "
+                      "launched op by op (same batch on the device, no data pipeline):", ""]
+            for g in graphs:
+                if "graphed_over_eager" in g:
+                    lines.append(f"- batch {g['batch']}: eager {g['eager_images_per_s']:,} img/s, graphed "
+                                 f"{g['graphed_images_per_s']:,} img/s: **{g['graphed_over_eager']:.2f}x**; the replay "
+                                 f"trains the eager step's bits: {'yes' if g['graph_equals_eager_bits'] else 'no'} "
+                                 f"(two eager runs: {'yes' if g['eager_repeats_its_bits'] else 'no'})")
+                else:
+                    lines.append(f"- batch {g['batch']}: not measured: {g.get('skipped') or g.get('failed')}")
+            lines.append("")
     if s := res.get("sisa"):
         r = s["recipe"]
         lines += [f"## SISA (S={r['shards']}, R={r['slices']}) against one monolithic model, {r['dataset']}, "
