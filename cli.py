@@ -30,14 +30,15 @@ RunDir = Annotated[Path, typer.Option("--run-dir", help="The run directory (inde
 JsonOut = Annotated[bool, typer.Option("--json", help="Print a JSON result on stdout.")]
 Device = Annotated[str, typer.Option(help="Where to train: auto (a CUDA GPU if present), cpu, cuda, cuda:N.")]
 RunOn = Annotated[str, typer.Option("--device", help="Where to run the models: auto (a CUDA GPU if present), cpu, cuda, cuda:N.")]
-ExecutorName = Annotated[str, typer.Option("--executor", help="Where shard jobs run: local (one after another, in this "
-                                           "process), gpus (worker processes on every visible GPU, --jobs-per-gpu each), ray (Ray tasks; needs the ray extra).")]
+ExecutorName = Annotated[str, typer.Option("--executor", help="Where shard jobs run: local (in this process: one after "
+                                           "another, or --jobs-per-gpu at once), gpus (worker processes on every visible GPU, --jobs-per-gpu each), ray (Ray tasks; needs the ray extra).")]
 RayAddress = Annotated[Optional[str], typer.Option("--ray-address", help="With --executor ray: join this running cluster "
                                                    "(auto, HOST:6379, ray://HOST:10001) instead of starting a local one.")]
 GpusPerTask = Annotated[Optional[float], typer.Option("--gpus-per-task", help="With --executor ray: GPUs per shard job, "
                                                       "fractional allowed (0.2: five jobs per GPU); by default 1 if the cluster has GPUs, else 0.")]
-JobsPerGpu = Annotated[Optional[int], typer.Option("--jobs-per-gpu", help="With --executor gpus: how many shard jobs run at "
-                                                   "once on each GPU, each in its own worker process (a small shard leaves most of a GPU idle). \\[default: 1]")]
+JobsPerGpu = Annotated[Optional[int], typer.Option("--jobs-per-gpu", help="How many shard jobs run at once on each GPU (a "
+                                                   "small shard leaves most of a GPU idle): with --executor local, threads of this process, each on its own CUDA stream; "
+                                                   "with --executor gpus, worker processes. Each job's result is what it would be alone. \\[default: 1]")]
 
 
 def handles_errors(fn):
@@ -124,9 +125,9 @@ def executor_for(name: str, ray_address: str | None, gpus_per_task: float | None
 
     if name != "ray" and (ray_address is not None or gpus_per_task is not None):
         raise UsageError("--ray-address and --gpus-per-task apply only to --executor ray")
-    if name != "gpus" and jobs_per_gpu is not None:
-        raise UsageError("--jobs-per-gpu applies only to --executor gpus")
-    if name == "local":
+    if name not in ("local", "gpus") and jobs_per_gpu is not None:
+        raise UsageError("--jobs-per-gpu applies only to --executor local or gpus")
+    if name == "local" and jobs_per_gpu is None:
         return name  # nothing to check, and no reason to import torch yet
     from sisa.executors import make_executor
 

@@ -1,17 +1,19 @@
 """Issue-6 numbers: what running shard jobs as Ray tasks costs against running them one after
-another in the command's own process, and, where CUDA GPUs are visible, the speed-up of
-training S = 5 shards at once.
+another in the command's own process (and two at once in its threads), and, where CUDA GPUs are
+visible, the speed-up of training S = 5 shards at once.
 
     python -m benchmarks.executors [--shards 5] [--slices 4] [--epochs 4] [--repeats 2]
 
 CPU part (always): `sisa train` on digits, then one `sisa forget` of a random id, through the
-real CLI with `--executor local` and with `--executor ray` (each command starts its own local
-Ray instance on all cores), timed as a user sees them, process and Ray start-up included,
-alternating between the two, best of `--repeats`. The overhead is the ratio of the times. Both
-executors must write the same checkpoint files bit for bit; this is checked. GPU part (only when torch sees a CUDA GPU): `sisa train --shards 5`
-with the default epochs on one GPU, shards one after another (`--executor local`) against all
-five at once (`--executor ray --gpus-per-task 0.2`), and `--executor gpus` when there are several
-GPUs. Without a GPU the result records that it could not be measured, and why.
+real CLI with `--executor local`, with `--executor local --jobs-per-gpu 2` and with `--executor
+ray` (each command starts its own local Ray instance on all cores), timed as a user sees them,
+process and Ray start-up included, alternating between them, best of `--repeats`. The overhead
+is the ratio of the times. All must write the same checkpoint files bit for bit; this is
+checked. GPU part (only when torch sees a CUDA GPU): `sisa train --shards 5` with the default
+epochs on one GPU, shards one after another (`--executor local`) against all five at once
+(`--executor local --jobs-per-gpu 5`, and `--executor ray --gpus-per-task 0.2`), and
+`--executor gpus` when there are several GPUs. Without a GPU the result records that it could
+not be measured, and why.
 """
 from __future__ import annotations
 
@@ -76,19 +78,23 @@ def ray_start_seconds() -> float:
 def cpu_part(args, tmp: Path) -> dict:
     layout = ["--shards", str(args.shards), "--slices", str(args.slices), "--epochs", str(args.epochs)]
     sid = f"train-{random.Random(args.seed).randrange(1437):05d}"  # digits has 1,437 training samples
-    runs: dict[str, list[dict]] = {"local": [], "ray": []}
+    flags = {"local": ["--executor", "local"], "local_2_at_once": ["--executor", "local", "--jobs-per-gpu", "2"],
+             "ray": ["--executor", "ray"]}
+    runs: dict[str, list[dict]] = {name: [] for name in flags}
     for _ in range(args.repeats):
-        for name in runs:  # alternate, so drift in the machine's speed hits both alike
-            runs[name].append(train_and_forget(tmp, ["--executor", name], layout, sid, "cpu"))
+        for name in runs:  # alternate, so drift in the machine's speed hits all alike
+            runs[name].append(train_and_forget(tmp, flags[name], layout, sid, "cpu"))
     identical = all(r["hashes"] == runs["local"][0]["hashes"] for rs in runs.values() for r in rs)
     best = {name: {k: min(r[k] for r in rs) for k in ("train_wall_s", "train_complete_s", "forget_wall_s",
                                                        "forget_complete_s")} for name, rs in runs.items()}
     ratio = {k: round(best["ray"][k] / best["local"][k], 3) for k in best["local"]}
+    at_once = {k: round(best["local_2_at_once"][k] / best["local"][k], 3) for k in best["local"]}
     for rs in runs.values():
         for r in rs:
             r.pop("hashes")
     return {"layout": layout, "forgotten_id": sid, "runs": runs, "best": best, "ray_over_local": ratio,
-            "checkpoints_identical": identical, "ray_start_s": min(ray_start_seconds() for _ in range(args.repeats))}
+            "local_2_at_once_over_local": at_once, "checkpoints_identical": identical,
+            "ray_start_s": min(ray_start_seconds() for _ in range(args.repeats))}
 
 
 def gpu_part(tmp: Path) -> dict:
@@ -98,6 +104,7 @@ def gpu_part(tmp: Path) -> dict:
                 f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}); run this script on a GPU machine"}
     layout = ["--shards", "5"]
     variants = {"local (one shard after another)": ["--executor", "local"],
+                "local, five shards at once (threads, a CUDA stream each)": ["--executor", "local", "--jobs-per-gpu", "5"],
                 "ray, 0.2 GPU per task (five shards at once)": ["--executor", "ray", "--gpus-per-task", "0.2"]}
     if gpus > 1:
         variants[f"gpus ({gpus} worker processes)"] = ["--executor", "gpus"]
@@ -133,12 +140,17 @@ def main() -> None:
         gpu = gpu_part(Path(tmp))
     load = [round(load_before, 2), round(os.getloadavg()[0], 2)]
     payload = {"environment": environment(), "ray": ray.__version__, "load_average_1min": load, "cpu": cpu, "gpu": gpu}
-    b, r = cpu["best"], cpu["ray_over_local"]
+    b, r, a = cpu["best"], cpu["ray_over_local"], cpu["local_2_at_once_over_local"]
     busy = (" (above its core count: other work was running, times are inflated, the best run is the "
             "least affected)" if max(load) > (os.cpu_count() or 1) else "")
     gpu_md = ("| executor | train wall s | speed-up |\n|---|---|---|\n" + "\n".join(
         f"| {k} | {v:.1f} | {gpu['speedup_over_local'][k]:.2f}x |" for k, v in gpu["train_wall_s"].items())
         if gpu["measured"] else f"Not measured: {gpu['reason']}.")
+    rows = "\n".join(f"| {label} | {b['local'][k]:.1f} | {b['local_2_at_once'][k]:.1f} | {b['ray'][k]:.1f} | {a[k]:.2f} | "
+                     f"{r[k]:.2f} |" for label, k in (("train, wall s", "train_wall_s"),
+                                                      ("train, complete s", "train_complete_s"),
+                                                      ("forget, wall s", "forget_wall_s"),
+                                                      ("forget, complete s", "forget_complete_s")))
     md = f"""# Executors: Ray against sequential (CPU){' and concurrent shards on GPU' if gpu['measured'] else ''}
 
 `sisa train {' '.join(cpu['layout'])}` on digits, then `sisa forget` of `{cpu['forgotten_id']}`,
@@ -146,14 +158,14 @@ best of {args.repeats} runs each, CPU only. Wall: the whole command as a user ru
 start-up, data loading, Ray start-up). Complete: the command's own `seconds` (training and
 writing checkpoints, Ray start-up included).
 
-| | local (sequential) | ray (local instance) | ray / local |
-|---|---|---|---|
-| train, wall s | {b['local']['train_wall_s']:.1f} | {b['ray']['train_wall_s']:.1f} | {r['train_wall_s']:.2f} |
-| train, complete s | {b['local']['train_complete_s']:.1f} | {b['ray']['train_complete_s']:.1f} | {r['train_complete_s']:.2f} |
-| forget, wall s | {b['local']['forget_wall_s']:.1f} | {b['ray']['forget_wall_s']:.1f} | {r['forget_wall_s']:.2f} |
-| forget, complete s | {b['local']['forget_complete_s']:.1f} | {b['ray']['forget_complete_s']:.1f} | {r['forget_complete_s']:.2f} |
+| | local (sequential) | local, `--jobs-per-gpu 2` (threads) | ray (local instance) | local 2 at once / local | ray / local |
+|---|---|---|---|---|---|
+{rows}
 
 Checkpoint files identical bit for bit between the executors: {'yes' if cpu['checkpoints_identical'] else 'NO'}.
+With `--jobs-per-gpu 2` the local executor trains two shard jobs at once in threads of its own
+process, each with the command's thread count (the bits depend on it), so on a CPU they share
+its cores; the forget retrains one shard, so there it runs alone either way.
 On CPU the bits depend on torch's thread count, so a Ray task trains with the command's own
 ({payload['environment']['torch_threads']} here) and reserves as many CPUs: on a machine with that many cores Ray runs one
 shard at a time, like the sequential executor, and the ratio is Ray's own cost. Starting a local

@@ -32,9 +32,11 @@ Stages (Fashion-MNIST, ResNet-18 with the 3x3 stem, batch 512 unless said):
   loop over each shard's growing prefix, nothing else), then the library's shard jobs (each
   slice's state also copied to the host, as for its checkpoint), then the whole pipeline
   (checkpoints written, index); and what a step at a batch size not seen before costs.
-- concurrent: SISA training with 1 and 5 shard jobs at once on the GPU (`--jobs-per-gpu`), and 5
-  with `--carry-momentum` and with `--batching full`, against monolithic training, and whether
-  every checkpoint file is the same whatever the number of jobs.
+- concurrent: SISA training with 1 and 5 shard jobs at once on the GPU (`--jobs-per-gpu`) in
+  worker processes (`--executor gpus`), and 5 with `--carry-momentum` and with `--batching full`;
+  5 at once in threads of one process, each on its own CUDA stream (`--executor local`), also
+  with `--batching full`; against monolithic training, and whether every checkpoint file is the
+  same whatever the number of jobs and wherever they ran.
 """
 from __future__ import annotations
 
@@ -508,22 +510,29 @@ def stage_determinism(st: Setting, device: torch.device, data_dir: str, work: Pa
 
 # --- concurrent: several shard jobs on one GPU -----------------------------------------------------
 def stage_concurrent(st: Setting, device: torch.device, data_dir: str, work: Path) -> dict:
-    from sisa.executors import GpuExecutor
+    from sisa.executors import GpuExecutor, LocalExecutor
     from store.checkpoints import file_sha256
 
     mono_run, mono = train_run(work / "mono", config(st, shards=1, slices=1), device, data_dir)
     mono_run.close()
     out = {"monolithic_bf16": mono, "jobs": {}}
     files = {}
-    # (each worker process builds its own cuDNN plans: `--batching full` gives it one batch shape)
-    for jobs, arm in ((1, ""), (st.shards, ""), (st.shards, "carry-momentum"), (st.shards, "full-batches")):
-        cfg = config(st, reset_momentum=arm != "carry-momentum", batching="full" if arm == "full-batches" else "split")
+    # Worker processes (`--executor gpus`), each building its own cuDNN plans (`--batching full`
+    # gives it one batch shape); then threads of this process, each job on its own CUDA stream
+    # (`--executor local --jobs-per-gpu`), which share one context, its plans and its allocator.
+    arms = ((1, ""), (st.shards, ""), (st.shards, "carry-momentum"), (st.shards, "full-batches"),
+            (st.shards, "threads"), (st.shards, "threads full-batches"))
+    for jobs, arm in arms:
+        cfg = config(st, reset_momentum=arm != "carry-momentum", batching="full" if "full-batches" in arm else "split")
         key = f"{jobs} {arm}".strip()
-        run, t_create = timed(lambda: sisa.Run.create(work / f"j{key}", cfg, data_dir=data_dir), device)
-        executor = GpuExecutor(devices=[str(device)] if device.type != "cuda" else None, jobs_per_device=jobs)
-        report, t = timed(lambda: run.complete("auto", executor=executor), device)
-        if not arm:
-            files[jobs] = {k: file_sha256(run.dir / c.path) for k, c in run.index.checkpoints().items()}
+        run, t_create = timed(lambda: sisa.Run.create(work / f"j{key}".replace(" ", "_"), cfg, data_dir=data_dir), device)
+        if arm.startswith("threads"):
+            executor, where = LocalExecutor(jobs=jobs), str(device)
+        else:
+            executor, where = GpuExecutor(devices=[str(device)] if device.type != "cuda" else None, jobs_per_device=jobs), "auto"
+        report, t = timed(lambda: run.complete(where, executor=executor), device)
+        if arm in ("", "threads"):
+            files[key] = {k: file_sha256(run.dir / c.path) for k, c in run.index.checkpoints().items()}
         out["jobs"][key] = {"seconds": round(t, 2), "sample_epochs": report.sample_epochs,
                             # summed over the shard jobs: a worker's start (spawn, imports, CUDA
                             # context) is in none of them, its data load in "prepare"
@@ -531,8 +540,8 @@ def stage_concurrent(st: Setting, device: torch.device, data_dir: str, work: Pat
                                   "over_monolithic_per_sample_epoch": round(
                                       (t / report.sample_epochs) / (mono["seconds"] / mono["sample_epochs"]), 3)}
         run.close()
-        shutil.rmtree(work / f"j{key}")
-    out["identical_checkpoints"] = all(f == files[1] for f in files.values())
+        shutil.rmtree(run.dir)
+    out["identical_checkpoints"] = all(f == files["1"] for f in files.values())
     return out
 
 
@@ -687,6 +696,8 @@ def markdown(res: dict) -> str:
                   f"{s['eager_infer_images_per_s']:,} vs {s['compiled_infer_images_per_s']:,} img/s.", ""]
     if s := res.get("concurrent"):
         lines += ["## Several shard jobs at once on one GPU (`--jobs-per-gpu`)", "",
+                  "Worker processes (`--executor gpus`), or with \"threads\" threads of the command's own process, each "
+                  "job on its own CUDA stream (`--executor local`).", "",
                   "| jobs at once | SISA train s | / monolithic per sample-epoch | job phases summed: prepare / train / write_wait s |",
                   "|---|---|---|---|"]
         lines += [f"| {k} | {v['seconds']:.1f} | **{v['over_monolithic_per_sample_epoch']:.2f}x** | "

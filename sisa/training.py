@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import functools
 import os
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -40,19 +41,26 @@ class SliceResult:
     sample_epochs: int
 
 
+# Initial weights are drawn from torch's one global generator (torchvision's initialisation takes
+# no generator), seeded for the shard: shard jobs running at once in threads of one process
+# (executors.LocalExecutor) take turns, or one's seeding would shift the other's draws.
+_GLOBAL_RNG = threading.RLock()
+
+
 def initial_state(cfg: RunConfig, shard: int, init: dict | None = None) -> dict:
     """The weights a shard starts from: drawn from (seed, "init", shard) alone, or, with an init
     weights file's state `init`, its tensors where they fit (sisa.backbone.initial_weights). With a
     frozen trunk, only the trainable part: the trunk is a constant of the run, not a state."""
     if init is None and not cfg.frozen:
-        with torch.random.fork_rng(devices=[]):
+        with _GLOBAL_RNG, torch.random.fork_rng(devices=[]):
             torch.manual_seed(derive_seed(cfg.seed, "init", shard))
             model = build_model(cfg.arch, cfg.channels, cfg.classes, cfg.width)
         return {"model": model.state_dict(), "optimizer": None}
     from .backbone import initial_weights
 
-    state, _ = initial_weights(cfg.arch, cfg.channels, cfg.classes, cfg.seed, shard, cfg.trainable, init, cfg.width,
-                               trainable_only=True)
+    with _GLOBAL_RNG:
+        state, _ = initial_weights(cfg.arch, cfg.channels, cfg.classes, cfg.seed, shard, cfg.trainable, init,
+                                   cfg.width, trainable_only=True)
     return {"model": state, "optimizer": None}
 
 

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,9 +22,10 @@ from typer.testing import CliRunner
 
 import sisa
 from cli import app
+from sisa import faults
 from sisa.audit import audit
 from sisa.errors import UsageError
-from sisa.executors import GpuExecutor, RayExecutor, ShardFailure, make_executor
+from sisa.executors import GpuExecutor, LocalExecutor, RayExecutor, ShardFailure, make_executor
 from sisa.training import ShardJob
 from store.index import Index
 
@@ -155,11 +157,81 @@ def test_two_jobs_per_device_run_at_once_and_forget_exactly(trained_run, referen
     assert_audit_ok(trained_run)
 
 
+def test_jobs_at_once_in_threads_train_exactly(tmp_path, digits_manifest, trained_template):
+    """`--executor local --jobs-per-gpu 2`: two shard jobs at a time in threads of this process
+    (3 jobs), every checkpoint bitwise the sequential one, every slice reported."""
+    train_csv, test_csv = digits_manifest
+    events = []
+    sisa.train(tmp_path / "run", small_config(train_csv), device="cpu", test_manifest=test_csv,
+               executor=LocalExecutor(jobs=2), progress=lambda *p: events.append(p)).close()
+    assert file_hashes(tmp_path / "run") == file_hashes(trained_template)
+    cfg = small_config(train_csv)
+    assert {(s, i) for s, i, _, _ in events} == {(s, i) for s in range(cfg.shards) for i in range(cfg.slices)}
+
+
+def _fault(monkeypatch, tmp_path, action: str) -> Path:
+    """An injected fault at the first epoch any job thread ends, once (the count is per process,
+    so it starts from zero here)."""
+    flag = tmp_path / "paused"
+    for name, value in {"SISA_FAULT": "epoch", "SISA_FAULT_ACTION": action, "SISA_FAULT_FLAG": str(flag),
+                        "SISA_FAULT_ONCE": str(tmp_path / "once")}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(faults, "_hits", {})
+    return flag
+
+
+def test_jobs_in_threads_run_at_once_and_forget_exactly(trained_run, reference, tmp_path, monkeypatch):
+    """Proof that the two jobs of a forget run at once, independent of timing: the first job
+    thread to end an epoch is paused until the other job has trained to its end, which only a
+    job running beside it can do. A timer releases the pause if that never happens (one after
+    another, the paused job would hold up the other), and the test fails."""
+    flag = _fault(monkeypatch, tmp_path, "pause")
+    paused_at_first_finish = []
+
+    def progress(shard, slice_, done, total):
+        if done == total and not paused_at_first_finish:
+            paused_at_first_finish.append(flag.exists())
+            flag.unlink(missing_ok=True)
+
+    safety = threading.Timer(120, lambda: flag.unlink(missing_ok=True))
+    safety.start()
+    try:
+        report = sisa.forget(trained_run, ids=request_ids(trained_run), device="cpu", progress=progress,
+                             executor=LocalExecutor(jobs=2))
+    finally:
+        safety.cancel()
+        flag.unlink(missing_ok=True)
+    assert paused_at_first_finish == [True], "the jobs did not run at once"
+    assert report.shards_retrained == [0, 2]
+    assert file_hashes(trained_run) == reference
+    assert_audit_ok(trained_run)
+
+
+def test_a_failing_job_in_a_thread_stops_the_other_and_resume_finishes_exactly(trained_run, reference, tmp_path,
+                                                                                monkeypatch):
+    """A job that raises fails the command with its own error once the job beside it has
+    stopped; nothing half-done goes live, and --resume finishes both shards exactly."""
+    _fault(monkeypatch, tmp_path, "raise")
+    with pytest.raises(faults.InjectedFault):
+        sisa.forget(trained_run, ids=request_ids(trained_run), device="cpu", executor=LocalExecutor(jobs=2))
+    assert not [t for t in threading.enumerate() if t.name.startswith("shard-job")], "a job thread outlived the command"
+    assert set(stale_shards(trained_run)) <= {0, 2} and stale_shards(trained_run)
+    monkeypatch.delenv("SISA_FAULT")
+    run = sisa.Run.open(trained_run)
+    try:
+        run.resume("cpu", executor=LocalExecutor(jobs=2))
+    finally:
+        run.close()
+    assert file_hashes(trained_run) == reference
+    assert_audit_ok(trained_run)
+
+
 def test_worker_slots_spread_over_devices_before_sharing_one():
     executor = GpuExecutor(devices=["cuda:0", "cuda:1"], jobs_per_device=2)  # devices given: no CUDA needed
     assert executor.slots == ["cuda:0", "cuda:1", "cuda:0", "cuda:1"]
-    with pytest.raises(UsageError, match="--jobs-per-gpu must be at least 1, got 0"):
-        make_executor("gpus", jobs_per_gpu=0)  # refused before looking for GPUs
+    for name in ("gpus", "local"):
+        with pytest.raises(UsageError, match="--jobs-per-gpu must be at least 1, got 0"):
+            make_executor(name, jobs_per_gpu=0)  # refused before looking for GPUs
 
 
 @pytest.mark.parametrize("command", ["train", "forget", "add"])
@@ -167,13 +239,11 @@ def test_jobs_per_gpu_option_is_documented_and_checked(tmp_path, digits_manifest
     assert "--jobs-per-gpu" in invoke(command, "--help").output
     run_dir = tmp_path / "run"
     args = {"train": [], "forget": ["--resume"], "add": ["--dataset", digits_manifest[0]]}[command]
-    for executor in ("local", "ray"):
-        assert_clean_error(invoke(command, *args, "--executor", executor, "--jobs-per-gpu", 2, "--run-dir", run_dir),
-                           2, "--jobs-per-gpu applies only to --executor gpus")
-    assert_clean_error(invoke(command, *args, "--jobs-per-gpu", 2, "--run-dir", run_dir), 2,
-                       "--jobs-per-gpu applies only to --executor gpus")
-    assert_clean_error(invoke(command, *args, "--executor", "gpus", "--jobs-per-gpu", 0, "--run-dir", run_dir), 2,
-                       "--jobs-per-gpu must be at least 1, got 0")
+    assert_clean_error(invoke(command, *args, "--executor", "ray", "--jobs-per-gpu", 2, "--run-dir", run_dir),
+                       2, "--jobs-per-gpu applies only to --executor local or gpus")
+    for executor in (["--executor", "gpus"], ["--executor", "local"], []):  # local: the default
+        assert_clean_error(invoke(command, *args, *executor, "--jobs-per-gpu", 0, "--run-dir", run_dir), 2,
+                           "--jobs-per-gpu must be at least 1, got 0")
     assert not run_dir.exists()
 
 
