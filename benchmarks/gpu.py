@@ -1,10 +1,9 @@
 """GPU speed of the whole pipeline, every figure a ratio to a baseline measured in the same stage.
 
     python -m benchmarks.gpu --list-stages
-    python -m benchmarks.gpu --stage sisa --stage breakdown       # one device call, ~7 min on an H100
-    python -m benchmarks.gpu --stage step --stage determinism     # a second one, ~2 min
-    python -m benchmarks.gpu --stage compile                      # ~1 min
-    python -m benchmarks.gpu --stage concurrent                   # --jobs-per-gpu 1, 5: ~4 min
+    python -m benchmarks.gpu --stage sisa --stage concurrent      # one device call, ~7 min on an H100
+    python -m benchmarks.gpu --stage breakdown --stage step       # a second one, ~4 min
+    python -m benchmarks.gpu --stage determinism --stage compile  # ~2 min (measured at 9c0cf05, f6ff6d8)
     python -m benchmarks.gpu --smoke                              # every stage, tiny, on the CPU
 
 Each stage runs in its own process (no backend switch or cuBLAS setting leaks from one into the
@@ -32,11 +31,11 @@ Stages (Fashion-MNIST, ResNet-18 with the 3x3 stem, batch 512 unless said):
   loop over each shard's growing prefix, nothing else), then the library's shard jobs (each
   slice's state also copied to the host, as for its checkpoint), then the whole pipeline
   (checkpoints written, index); and what a step at a batch size not seen before costs.
-- concurrent: SISA training with 1 and 5 shard jobs at once on the GPU (`--jobs-per-gpu`) in
-  worker processes (`--executor gpus`), and 5 with `--carry-momentum` and with `--batching full`;
-  5 at once in threads of one process, each on its own CUDA stream (`--executor local`), also
-  with `--batching full`; against monolithic training, and whether every checkpoint file is the
-  same whatever the number of jobs and wherever they ran.
+- concurrent: SISA training in this process one job after another (the default), and 5 jobs at
+  once in its threads, each on its own CUDA stream (`--executor local --jobs-per-gpu 5`), against
+  5 worker processes (`--executor gpus --jobs-per-gpu 5`), each also with `--batching full`;
+  against monolithic training, and whether every checkpoint file is the same whatever the number
+  of jobs and wherever they ran.
 """
 from __future__ import annotations
 
@@ -517,31 +516,35 @@ def stage_concurrent(st: Setting, device: torch.device, data_dir: str, work: Pat
     mono_run.close()
     out = {"monolithic_bf16": mono, "jobs": {}}
     files = {}
-    # Worker processes (`--executor gpus`), each building its own cuDNN plans (`--batching full`
-    # gives it one batch shape); then threads of this process, each job on its own CUDA stream
-    # (`--executor local --jobs-per-gpu`), which share one context, its plans and its allocator.
-    arms = ((1, ""), (st.shards, ""), (st.shards, "carry-momentum"), (st.shards, "full-batches"),
-            (st.shards, "threads"), (st.shards, "threads full-batches"))
-    for jobs, arm in arms:
-        cfg = config(st, reset_momentum=arm != "carry-momentum", batching="full" if "full-batches" in arm else "split")
-        key = f"{jobs} {arm}".strip()
-        run, t_create = timed(lambda: sisa.Run.create(work / f"j{key}".replace(" ", "_"), cfg, data_dir=data_dir), device)
-        if arm.startswith("threads"):
+    # In this process: one job after another (the default), then S at once in threads, each job on
+    # its own CUDA stream (one context, its cuDNN plans and allocator shared); then S worker
+    # processes (`--executor gpus`), each starting, importing, loading and building its own plans.
+    # `--batching full` gives every job one batch shape. (Measured before, at 9ee1795: one worker
+    # process 2.10x, five with momentum carried 1.56x.)
+    arms = (("local", 1, "split"), ("local", st.shards, "split"), ("local", st.shards, "full"),
+            ("gpus", st.shards, "split"), ("gpus", st.shards, "full"))
+    for name, jobs, batching in arms:
+        cfg = config(st, batching=batching)
+        key = f"{name} {jobs}" + (" full-batches" if batching == "full" else "")
+        run = sisa.Run.create(work / key.replace(" ", "_"), cfg, data_dir=data_dir)
+        if name == "local":
             executor, where = LocalExecutor(jobs=jobs), str(device)
         else:
             executor, where = GpuExecutor(devices=[str(device)] if device.type != "cuda" else None, jobs_per_device=jobs), "auto"
         report, t = timed(lambda: run.complete(where, executor=executor), device)
-        if arm in ("", "threads"):
+        if batching == "split":
             files[key] = {k: file_sha256(run.dir / c.path) for k, c in run.index.checkpoints().items()}
         out["jobs"][key] = {"seconds": round(t, 2), "sample_epochs": report.sample_epochs,
                             # summed over the shard jobs: a worker's start (spawn, imports, CUDA
                             # context) is in none of them, its data load in "prepare"
                             "phase_seconds": {k: round(v, 3) for k, v in report.phase_seconds.items()},
-                                  "over_monolithic_per_sample_epoch": round(
-                                      (t / report.sample_epochs) / (mono["seconds"] / mono["sample_epochs"]), 3)}
+                            "over_monolithic_per_sample_epoch": round(
+                                (t / report.sample_epochs) / (mono["seconds"] / mono["sample_epochs"]), 3)}
         run.close()
         shutil.rmtree(run.dir)
-    out["identical_checkpoints"] = all(f == files["1"] for f in files.values())
+    out["local_at_once_over_one_at_a_time"] = round(out["jobs"][f"local {st.shards}"]["seconds"]
+                                                    / out["jobs"]["local 1"]["seconds"], 3)
+    out["identical_checkpoints"] = all(f == files["local 1"] for f in files.values())
     return out
 
 
@@ -696,13 +699,16 @@ def markdown(res: dict) -> str:
                   f"{s['eager_infer_images_per_s']:,} vs {s['compiled_infer_images_per_s']:,} img/s.", ""]
     if s := res.get("concurrent"):
         lines += ["## Several shard jobs at once on one GPU (`--jobs-per-gpu`)", "",
-                  "Worker processes (`--executor gpus`), or with \"threads\" threads of the command's own process, each "
-                  "job on its own CUDA stream (`--executor local`).", "",
-                  "| jobs at once | SISA train s | / monolithic per sample-epoch | job phases summed: prepare / train / write_wait s |",
+                  "`local N`: N jobs at once in threads of the command's own process, each on its own CUDA stream "
+                  "(`local 1`: one after another, the default); `gpus N`: N worker processes (`--executor gpus`).", "",
+                  "| executor, jobs at once | SISA train s | / monolithic per sample-epoch | job phases summed: prepare / train / write_wait s |",
                   "|---|---|---|---|"]
         lines += [f"| {k} | {v['seconds']:.1f} | **{v['over_monolithic_per_sample_epoch']:.2f}x** | "
                   + (" / ".join(f"{v['phase_seconds'].get(p, 0):.1f}" for p in ("prepare", "train", "write_wait"))
                      if v.get("phase_seconds") else "not recorded") + " |" for k, v in s["jobs"].items()]
+        if "local_at_once_over_one_at_a_time" in s:
+            lines += ["", f"Jobs at once in threads against one after another, same process: "
+                          f"**{s['local_at_once_over_one_at_a_time']:.2f}x** the time."]
         lines += ["", f"Monolithic: {s['monolithic_bf16']['seconds']:.1f} s. Every checkpoint file identical whatever the "
                       f"number of jobs at once: {'yes' if s['identical_checkpoints'] else 'NO'}.", ""]
     for stage, why in res.get("failed", {}).items():

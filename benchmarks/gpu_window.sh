@@ -24,6 +24,7 @@ python3 -m pip download --quiet --no-deps --only-binary=:all: --python-version 3
     -d .whl "sqlalchemy==$version"
 du -sh .gpu-data .whl
 cat <<'CMD'
-Device command (prefix; append the stages):
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:. || exit; export PYTHONUNBUFFERED=1; cp benchmarks/results/gpu_h100.json $OUT/; python3 -m benchmarks.gpu --data-dir .gpu-data --results-dir $OUT --stage sisa --stage breakdown
+Device call 1 (then call 2 the same with --stage breakdown --stage step, after copying call 1's
+gpu_h100.json into benchmarks/results/ so it merges):
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:. || exit; export PYTHONUNBUFFERED=1; cp benchmarks/results/gpu_h100.json $OUT/; python3 -m benchmarks.gpu --data-dir .gpu-data --results-dir $OUT --stage sisa --stage concurrent
 CMD
