@@ -296,11 +296,14 @@ class LocalExecutor:
     start: no process, no import, no data load (the gpus executor's worker processes pay all of
     that, and without MPS the GPU time-slices between them instead of running their kernels
     side by side). While one job copies a slice's state to the host, plans a new batch shape or
-    sets up an epoch, the others' kernels keep the GPU busy. Each job's result is the one it
-    would be alone: its randomness comes from its own generators (initial weights are drawn
-    under a lock, sisa.training.initial_state), and the numeric switches of the run's config are
-    set once for all of them. On a CPU the jobs share its cores, each with the command's thread
-    count (the bits depend on it): exact, but rarely faster."""
+    sets up an epoch, the others' kernels can keep the GPU busy (whether that pays on an H100 is
+    what benchmarks.gpu's concurrent stage measures). Each job's result is the one it would be
+    alone: its randomness comes from its own generators (initial weights are drawn under a lock,
+    sisa.training.initial_state), and the numeric switches of the run's config are set once for
+    all of them. On a CPU the jobs share its cores, each with the command's thread count (the
+    bits depend on it): two digits jobs at once took 0.91x the time on 2 cores
+    (benchmarks/results/executors_cpu.md), but a very small model's threads can contend so much
+    that it takes many times longer."""
 
     def __init__(self, jobs: int = 1):
         if jobs < 1:

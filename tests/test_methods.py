@@ -29,7 +29,9 @@ def task() -> Task:
 @pytest.fixture(scope="module")
 def original(task):
     everything = replace(task, retain=torch.arange(len(task.labels)))
-    model = train(new_model(task, 3), everything, everything.retain, epochs=10, lr=0.05, seed=3)
+    # 15 epochs, not 10: float results differ between CPUs (oneDNN picks other kernels on an Intel
+    # Xeon than on an AMD EPYC), and after 10 the Xeon's original had learnt only 92% of its set
+    model = train(new_model(task, 3), everything, everything.retain, epochs=15, lr=0.05, seed=3)
     acc = (logits_of(model, task.images).argmax(-1) == task.labels).float().mean().item()
     assert acc > 0.95, f"the original must have learnt its training set (accuracy {acc:.2f})"
     return model
