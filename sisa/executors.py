@@ -341,6 +341,9 @@ class LocalExecutor:
                 reports.put(p)
 
         dev = torch.device(device)
+        if dev.type == "cuda" and dev.index is None:  # "cuda" is this thread's current GPU: name it for the job threads
+            dev = torch.device("cuda", torch.cuda.current_device())
+            device = str(dev)
         # Set once for all jobs: a job's own numerics() then finds them set and restores them as found.
         with numerics(RunConfig.from_json(tasks[0].config_json), dev):
             pool = ThreadPoolExecutor(self.jobs, thread_name_prefix="shard-job")
@@ -374,7 +377,7 @@ def _on_own_stream(task: ShardTask, progress: Progress, data: _Data | None) -> O
     stream per thread, not per job: the allocator reuses a freed block on its stream only)."""
     device = torch.device(task.device)
     stream = None
-    if device.type == "cuda":
+    if device.type == "cuda":  # (a device with its index: _run_at_once names it)
         stream = getattr(_job_thread, "stream", None)
         if stream is None or stream.device != device:
             stream = _job_thread.stream = torch.cuda.Stream(device)
